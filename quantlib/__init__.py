@@ -1,0 +1,1 @@
+"""quantlib package."""
