@@ -1,0 +1,113 @@
+"""Export a QuantSim: ONNX with QuantizeLinear/DequantizeLinear, encodings JSON, safetensors.
+
+The ONNX model is standard (opset 21): activations go through QuantizeLinear -> DequantizeLinear
+(per-axis through ``axis``), weights are stored as int8/int16 initializers feeding
+DequantizeLinear, and conv/gemm biases as int32 at scale input_scale * weight_scale. ONNX Runtime
+fuses these patterns into its integer kernels (QLinearConv, QLinearMatMul, QLinearAdd, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+import torch
+from safetensors.torch import save_file
+
+from . import onnx_ops
+from .checkpoint import quantized_state_dict
+from .io import atomic_output
+from .quantsim import QuantSim
+
+ONNX_OPSET = 21
+
+
+@dataclass(frozen=True)
+class ExportedArtifacts:
+    """Paths of the three exported files."""
+
+    onnx: Path
+    encodings: Path
+    weights: Path
+
+    def as_dict(self) -> dict[str, Path]:
+        return {"onnx": self.onnx, "encodings": self.encodings, "weights": self.weights}
+
+
+@contextmanager
+def exporting(sim: QuantSim) -> Iterator[None]:
+    """Switch every quantizer and weight module of ``sim`` to export mode for the block."""
+    quantizers = list(sim.activation_quantizers().values())
+    modules = list(sim.weight_modules().values())
+    try:
+        for q in quantizers:
+            q.begin_export()
+        for m in modules:
+            m.weight_quantizer.exporting = True
+            m.begin_export()
+        yield
+    finally:
+        for q in quantizers:
+            q.end_export()
+        for m in modules:
+            m.weight_quantizer.exporting = False
+            m.end_export()
+
+
+def export_onnx(sim: QuantSim, path: str | Path, example_input: torch.Tensor, *, dynamic_batch: bool = True) -> Path:
+    """Write ``sim`` as a QDQ ONNX model to ``path`` (atomically); returns the path.
+
+    The input is named ``input`` and the output ``logits``; with ``dynamic_batch`` the first
+    dimension is symbolic. Export runs on the CPU.
+    """
+    path = Path(path)
+    model = sim.model.cpu().eval()
+    example_input = example_input.cpu()
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with exporting(sim), _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            model, (example_input,), dynamo=True, opset_version=ONNX_OPSET,
+            custom_translation_table=onnx_ops.translation_table(), dynamic_shapes=dynamic_shapes,
+            input_names=["input"], output_names=["logits"], optimize=True, verbose=False,
+        )
+    proto = program.model_proto
+    onnx.checker.check_model(proto)
+    with atomic_output(path) as tmp:
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def export(sim: QuantSim, directory: str | Path, prefix: str, example_input: torch.Tensor,
+           *, dynamic_batch: bool = True) -> ExportedArtifacts:
+    """Write ``<prefix>.onnx``, ``<prefix>.encodings.json`` and ``<prefix>.safetensors`` to ``directory``.
+
+    The safetensors file holds the integer weights (see :mod:`quantlib.checkpoint`).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    onnx_path = export_onnx(sim, directory / f"{prefix}.onnx", example_input, dynamic_batch=dynamic_batch)
+    encodings_path = sim.save_encodings(directory / f"{prefix}.encodings.json")
+    weights_path = directory / f"{prefix}.safetensors"
+    tensors, metadata = quantized_state_dict(sim)
+    with atomic_output(weights_path) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return ExportedArtifacts(onnx=onnx_path, encodings=encodings_path, weights=weights_path)
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The dynamo exporter prints progress lines and warnings; keep user output clean."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,159 @@
+"""Weight-quantized versions of Conv1d, Conv2d, ConvTranspose2d and Linear.
+
+Each class subclasses its float module, shares its parameters, and adds a ``weight_quantizer``.
+In inference (no gradient needed) the quantize-dequantized weight is cached and refreshed only
+when the weight or the encoding changes, so weight quantization costs nothing per batch.
+During export the weight is stored as integers (int8/int16 codes) and biases as int32 codes at
+scale ``input_scale * weight_scale``, the layout ONNX Runtime's integer kernels expect.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import onnx_ops
+from .affine import container_dtype, quantize
+from .quantizer import FakeQuantizer
+from .spec import QuantizerSpec
+
+
+class QuantizedWeightMixin:
+    """Shared weight-quantization logic. Subclasses set ``weight_axis`` and define ``forward``."""
+
+    weight_axis = 0
+    weight_quantizer: FakeQuantizer
+
+    def _init_quant(self, spec: QuantizerSpec, name: str) -> None:
+        if spec.granularity != "per_tensor":
+            spec = spec.replace(axis=self.weight_axis)
+        self.weight_quantizer = FakeQuantizer(spec, name=f"{name}.weight")
+        self.input_quantizer_ref: tuple[FakeQuantizer] | None = None  # tuple: not a submodule
+        self._cache_key = None
+        self._cached_weight = None
+        self._export_tensors = None
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: QuantizerSpec, name: str):
+        """Wrap ``module`` (sharing its parameters) with a weight quantizer built from ``spec``."""
+        q = cls.__new__(cls)
+        q.__dict__ = module.__dict__.copy()
+        q._parameters = module._parameters.copy()
+        q._buffers = module._buffers.copy()
+        q._modules = module._modules.copy()
+        q._init_quant(spec, name)
+        return q
+
+    def calibrate_weight(self) -> None:
+        """Set the weight encoding from the current weight."""
+        self.weight_quantizer.calibrate_from(self.weight)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the integer kernel sees it (cached when no gradient is needed)."""
+        wq = self.weight_quantizer
+        if not wq.spec.enabled:
+            return self.weight
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return wq(self.weight)
+        key = (self.weight._version, id(self.weight), wq.version, self.weight.device)
+        if key != self._cache_key:
+            with torch.no_grad():
+                self._cached_weight = wq(self.weight)
+            self._cache_key = key
+        return self._cached_weight
+
+    # -- export --------------------------------------------------------------------------------
+    def begin_export(self) -> None:
+        """Precompute the integer weight (and int32 bias where the input scale is known)."""
+        wq = self.weight_quantizer
+        self._export_tensors = None
+        if not wq.spec.enabled or wq.spec.is_float:
+            return
+        spec = wq.spec
+        codes = quantize(self.weight.detach(), wq.scale, wq.zero_point, spec).to(container_dtype(spec))
+        zero_point = wq.zero_point.to(container_dtype(spec))
+        scale = wq.scale
+        block_size = 0
+        axis = self.weight_axis
+        if spec.granularity == "per_tensor":
+            scale, zero_point, axis = scale.reshape(()), zero_point.reshape(()), 0
+        elif spec.granularity == "per_block":
+            blocks = wq.scale.numel() // self.weight.shape[0]
+            block_size = self.weight.shape[1] // blocks
+            trailing = self.weight.shape[2:]
+            scale = scale.reshape(self.weight.shape[0], blocks, *([1] * len(trailing))).expand(-1, -1, *trailing).contiguous()
+            zero_point = zero_point.reshape(scale.shape[:2] + (1,) * len(trailing)).expand_as(scale).contiguous()
+            axis = 1
+        bias = self._export_bias(spec)
+        self._export_tensors = (codes, scale.detach().clone(), zero_point.clone(), axis, block_size, bias)
+
+    def _export_bias(self, weight_spec: QuantizerSpec):
+        inq = self.input_quantizer_ref[0] if self.input_quantizer_ref else None
+        if (self.bias is None or inq is None or not inq.spec.enabled or inq.spec.is_float
+                or inq.spec.granularity != "per_tensor" or weight_spec.granularity == "per_block"
+                or inq.spec.bitwidth > 8 or weight_spec.bitwidth > 8):
+            return None
+        bias_scale = (inq.scale.reshape(()) * self.weight_quantizer.scale).detach().reshape(-1)
+        if bias_scale.numel() == 1:
+            bias_scale = bias_scale.expand(self.bias.numel()).contiguous()
+        codes = torch.round(self.bias.detach() / bias_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+        return codes, bias_scale.clone(), torch.zeros_like(codes)
+
+    def end_export(self) -> None:
+        self._export_tensors = None
+
+    def _weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._export_tensors is None:
+            weight = self.quantized_weight()
+            if self.weight_quantizer.exporting and self.weight_quantizer.spec.is_float:
+                weight = onnx_ops.float_roundtrip(self.weight, self.weight_quantizer.spec.dtype)
+            return weight, self.bias
+        codes, scale, zero_point, axis, block_size, bias = self._export_tensors
+        weight = onnx_ops.dequantize(codes, scale, zero_point, axis, block_size)
+        if bias is None:
+            return weight, self.bias
+        return weight, onnx_ops.dequantize(bias[0], bias[1], bias[2], 0, 0)
+
+
+class QuantConv1d(QuantizedWeightMixin, nn.Conv1d):
+    def forward(self, x):
+        weight, bias = self._weight_and_bias()
+        return self._conv_forward(x, weight, bias)
+
+
+class QuantConv2d(QuantizedWeightMixin, nn.Conv2d):
+    def forward(self, x):
+        weight, bias = self._weight_and_bias()
+        return self._conv_forward(x, weight, bias)
+
+
+class QuantConvTranspose2d(QuantizedWeightMixin, nn.ConvTranspose2d):
+    weight_axis = 1  # ConvTranspose weights are [in, out/groups, kh, kw]
+
+    def forward(self, x, output_size=None):
+        weight, bias = self._weight_and_bias()
+        output_padding = self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation
+        )
+        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+
+class QuantLinear(QuantizedWeightMixin, nn.Linear):
+    def forward(self, x):
+        weight, bias = self._weight_and_bias()
+        return F.linear(x, weight, bias)
+
+
+def quantized_class_for(module: nn.Module) -> type | None:
+    """The quantized class for a float module, or None when its weights are not quantized.
+
+    Exact type matches only: a subclass may change forward in ways a wrapper cannot see.
+    """
+    table = {
+        nn.Conv1d: QuantConv1d,
+        nn.Conv2d: QuantConv2d,
+        nn.ConvTranspose2d: QuantConvTranspose2d,
+        nn.Linear: QuantLinear,
+    }
+    return table.get(type(module))
