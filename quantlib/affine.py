@@ -154,18 +154,21 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantizerSpec,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, exact: bool = False) -> torch.Tensor:
     """Quantize-dequantize ``x`` under ``spec`` (differentiable with the straight-through estimator).
 
     Gradients flow to ``x`` inside the clipping range and are zero outside it; they also flow to
     ``scale`` when it requires grad (LSQ-style range learning). The half-even per-tensor and
-    per-channel cases use torch's fused kernels, which are what keeps simulation near FP32 speed.
+    per-channel cases use torch's fused kernels, which are what keeps simulation near FP32 speed;
+    they multiply by 1/scale where ONNX QuantizeLinear divides by scale, which can flip a code
+    that lies within an ulp of a rounding tie. ``exact=True`` divides, matching ONNX bit for bit
+    (used for weights, whose quantized values are computed once and cached).
     """
     if spec.is_float:
         return _float_passthrough(x, spec.dtype)
     qmin, qmax = spec.quant_min, spec.quant_max
     learnable = scale.requires_grad
-    if spec.rounding == "half_even" and not learnable and x.dtype == torch.float32:
+    if spec.rounding == "half_even" and not learnable and x.dtype == torch.float32 and not exact:
         if spec.granularity == "per_tensor":
             return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
         if spec.granularity == "per_channel":

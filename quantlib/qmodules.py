@@ -29,6 +29,7 @@ class QuantizedWeightMixin:
         if spec.granularity != "per_tensor":
             spec = spec.replace(axis=self.weight_axis)
         self.weight_quantizer = FakeQuantizer(spec, name=f"{name}.weight")
+        self.weight_quantizer.exact = True  # cached, so the exact (ONNX) arithmetic is free
         self.input_quantizer_ref: tuple[FakeQuantizer] | None = None  # tuple: not a submodule
         self._cache_key = None
         self._cached_weight = None
@@ -91,10 +92,14 @@ class QuantizedWeightMixin:
     def _export_bias(self, weight_spec: QuantizerSpec):
         inq = self.input_quantizer_ref[0] if self.input_quantizer_ref else None
         if (self.bias is None or inq is None or not inq.spec.enabled or inq.spec.is_float
+                or not inq.has_encoding or inq.calibrating or not self.weight_quantizer.has_encoding
                 or inq.spec.granularity != "per_tensor" or weight_spec.granularity == "per_block"
                 or inq.spec.bitwidth > 8 or weight_spec.bitwidth > 8):
             return None
-        bias_scale = (inq.scale.reshape(()) * self.weight_quantizer.scale).detach().reshape(-1)
+        w_scale = self.weight_quantizer.scale
+        if w_scale.numel() not in (1, self.bias.numel()):  # grouped ConvTranspose: channel g*k+j uses scale j
+            w_scale = w_scale.repeat(self.bias.numel() // w_scale.numel())
+        bias_scale = (inq.scale.reshape(()) * w_scale).detach().reshape(-1)
         if bias_scale.numel() == 1:
             bias_scale = bias_scale.expand(self.bias.numel()).contiguous()
         codes = torch.round(self.bias.detach() / bias_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
@@ -103,12 +108,23 @@ class QuantizedWeightMixin:
     def end_export(self) -> None:
         self._export_tensors = None
 
+    def _simulated_bias(self) -> torch.Tensor | None:
+        """The bias rounded to the int32 grid the integer kernels use (straight-through gradient)."""
+        bias = self.bias
+        if bias is None or not self.weight_quantizer.spec.enabled or self.weight_quantizer.spec.is_float:
+            return bias
+        quantized = self._export_bias(self.weight_quantizer.spec)
+        if quantized is None:
+            return bias
+        codes, scale, _ = quantized
+        return bias + (codes.to(bias.dtype) * scale - bias).detach()
+
     def _weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._export_tensors is None:
             weight = self.quantized_weight()
             if self.weight_quantizer.exporting and self.weight_quantizer.spec.is_float:
                 weight = onnx_ops.float_roundtrip(self.weight, self.weight_quantizer.spec.dtype)
-            return weight, self.bias
+            return weight, self._simulated_bias()
         codes, scale, zero_point, axis, block_size, bias = self._export_tensors
         weight = onnx_ops.dequantize(codes, scale, zero_point, axis, block_size)
         if bias is None:

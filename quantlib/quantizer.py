@@ -39,6 +39,7 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.empty(0, dtype=torch.int32))
         self.calibrating = False
         self.exporting = False
+        self.exact = False  # divide by the scale as ONNX does (see affine.fake_quantize)
         self.version = 0
 
     def extra_repr(self) -> str:
@@ -73,7 +74,7 @@ class FakeQuantizer(nn.Module):
             )
         if self.exporting:
             return self.export_forward(x)
-        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+        return fake_quantize(x, self.scale, self.zero_point, self.spec, exact=self.exact)
 
     # -- encodings -----------------------------------------------------------------------------
     def compute_encoding(self) -> None:
@@ -155,13 +156,17 @@ class FakeQuantizer(nn.Module):
         if spec.granularity == "per_block":
             raise NotImplementedError(f"{self.name}: per_block activations cannot be exported; use per_tensor or per_channel")
         per_tensor = spec.granularity == "per_tensor"
-        dtype = container_dtype(spec)
+        # ORT 1.32's S8->U8 transform breaks signed-int8 QDQ before Reshape/Flatten
+        # (microsoft/onnxruntime#25526); the same grid as uint8 shifted by 128 is numerically identical.
+        dtype, shift = container_dtype(spec), 0
+        if dtype == torch.int8:
+            dtype, shift = torch.uint8, 128
         self._export_scale = self.scale.detach().clone().reshape(()) if per_tensor else self.scale.detach().clone()
-        zero_point = self.zero_point.detach().to(dtype)
+        zero_point = (self.zero_point.detach().to(torch.int32) + shift).to(dtype)
         self._export_zero_point = zero_point.reshape(()) if per_tensor else zero_point
         container = torch.iinfo(dtype)
         self._export_clip = None
-        if spec.quant_min > container.min or spec.quant_max < container.max:
+        if spec.quant_min + shift > container.min or spec.quant_max + shift < container.max:
             lo, hi = self.representable_range()
             self._export_clip = (lo.item(), hi.item()) if per_tensor else (lo.detach().clone(), hi.detach().clone())
 

@@ -101,13 +101,20 @@ class QuantSim:
         groups = sorted(self.config.supergroups, key=len, reverse=True)
         for node in self.model.graph.nodes:
             for group in groups:
-                chain = [node]
-                while len(chain) < len(group):
+                chain, members = [node], 1
+                while members < len(group):
                     users = list(chain[-1].users)
-                    if len(users) != 1 or self.op_types.get(users[0].name) != group[len(chain)]:
+                    if len(users) != 1:
+                        break
+                    kind = self.op_types.get(users[0].name)
+                    if kind == "Identity":  # dropout/identity are no-ops in eval: look through them
+                        chain.append(users[0])
+                        continue
+                    if kind != group[members]:
                         break
                     chain.append(users[0])
-                if len(chain) == len(group) and self.op_types.get(node.name) == group[0]:
+                    members += 1
+                if members == len(group) and self.op_types.get(node.name) == group[0]:
                     fused.update(chain[:-1])
                     break
         return fused
