@@ -8,6 +8,8 @@ fuses these patterns into its integer kernels (QLinearConv, QLinearMatMul, QLine
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import warnings
 from contextlib import contextmanager
@@ -102,12 +104,14 @@ def export(sim: QuantSim, directory: str | Path, prefix: str, example_input: tor
 @contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The dynamo exporter prints progress lines and warnings; keep user output clean."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -1,0 +1,94 @@
+"""Run records: the JSON document one `quantzoo run` leaves behind, with its provenance.
+
+A record holds metrics, per-stage timings, artifacts with sha256, and the provenance needed to
+trust and repeat the run (resolved config, git sha and dirty flag, package versions, platform,
+CPU/GPU, threads, seed, dataset fingerprints, calibration sample ids, checkpoint sha256).
+Records are written atomically, under a unique run id, so parallel runs never clobber each other.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlib.io import atomic_write_text
+
+RECORD_SCHEMA_VERSION = 1
+_PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "hydra-core", "numpy", "safetensors", "quantzoo")
+
+
+def new_run_id(model: str, recipe: str) -> str:
+    """``<model>__<recipe>__<UTC timestamp>__<8 random hex>``: unique across parallel workers."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{model}__{recipe}__{stamp}__{uuid.uuid4().hex[:8]}"
+
+
+def git_state(cwd: Path | None = None) -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it (None outside git)."""
+    cwd = cwd or Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return {"sha": sha, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that decide the numbers."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    """CPU, GPU and thread facts of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
+
+
+def provenance(config: dict[str, Any], *, seed: int, dataset_fingerprints: dict[str, str],
+               calibration_sample_ids: list[str], checkpoint_sha256: str) -> dict[str, Any]:
+    """The provenance block of a run record."""
+    return {
+        "config": config,
+        "git": git_state(),
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hardware": hardware(),
+        "seed": seed,
+        "dataset_fingerprint": dataset_fingerprints,
+        "calibration_sample_ids": calibration_sample_ids,
+        "checkpoint_sha256": checkpoint_sha256,
+    }
+
+
+def write_record(record: dict[str, Any], runs_dir: Path) -> Path:
+    """Write ``record`` to ``runs_dir/<run_id>.json`` atomically; returns the path."""
+    record = {"schema_version": RECORD_SCHEMA_VERSION, **record}
+    path = Path(runs_dir) / f"{record['run_id']}.json"
+    return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,76 @@
+"""Structured-config schemas for recipes, registered in Hydra's ConfigStore.
+
+A recipe composes these groups; because the schema is a dataclass, a misspelt key or a wrong
+type fails at compose time with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConf:
+    name: str = MISSING  # a zoo model card name (quantzoo list)
+
+
+@dataclass
+class DataConf:
+    name: str = MISSING  # evaluators dataset: imagenet_sample | imagefolder | mnist | digits
+    root: Optional[str] = None
+    calibration_split: str = "calibration"
+    eval_split: str = "eval"
+    num_calibration_samples: Optional[int] = None
+    num_eval_samples: Optional[int] = None
+    calibration_batch_size: int = 50
+    seed: int = 0  # selects the calibration subset where the dataset draws one
+
+
+@dataclass
+class QuantConf:
+    config: str = "per_channel"  # a quantlib preset name or a YAML path
+    weight_bits: int = 8
+    activation_bits: int = 8
+    activation_observer: str = "minmax"
+    weight_observer: str = "minmax"
+    modules: list[Any] = field(default_factory=list)  # per-module glob overrides (quantlib config syntax)
+
+
+@dataclass
+class PtqConf:
+    steps: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvaluatorConf:
+    batch_size: int = 50
+    num_workers: int = 0
+    device: str = "cpu"  # cpu | cuda | auto
+    onnxruntime: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConf:
+    model: ModelConf = field(default_factory=ModelConf)
+    data: DataConf = field(default_factory=DataConf)
+    quant: QuantConf = field(default_factory=QuantConf)
+    ptq: PtqConf = field(default_factory=PtqConf)
+    evaluator: EvaluatorConf = field(default_factory=EvaluatorConf)
+    recipe: str = MISSING
+    seed: int = 0
+    results_dir: str = "results"
+    artifacts_dir: str = "artifacts"
+
+
+def register_schemas() -> None:
+    """Register the run schema (idempotent: ConfigStore overwrites by name).
+
+    Recipes list ``/run_schema`` first in their defaults, so every group merged into it is
+    validated against the typed fields above.
+    """
+    ConfigStore.instance().store(name="run_schema", node=RunConf)
