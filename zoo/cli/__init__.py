@@ -60,7 +60,7 @@ def _run_hydra(target: str, overrides: list[str]) -> int:
     import hydra
     from omegaconf import DictConfig
 
-    from .run import execute, format_summary
+    from .run import execute, format_summary, wrap_errors
     from .schema import register_schemas
 
     model, _, recipe = target.partition("/")
@@ -71,7 +71,14 @@ def _run_hydra(target: str, overrides: list[str]) -> int:
     register_schemas()
 
     def task(cfg: DictConfig) -> None:
-        record = execute(cfg)
+        try:
+            record = execute(cfg)
+        except Exception as error:  # noqa: BLE001 - known user errors become one line
+            message = wrap_errors(error)
+            if message is None:
+                raise
+            print(f"quantzoo: error: {message}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(format_summary(record))
 
     app = hydra.main(config_path="pkg://recipes", config_name=f"{model}/{recipe}", version_base="1.3")(task)
