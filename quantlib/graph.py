@@ -115,7 +115,7 @@ _MODULE_OP_TYPES: dict[type, str] = {
     nn.MaxPool1d: "MaxPool", nn.MaxPool2d: "MaxPool",
     nn.AvgPool1d: "AveragePool", nn.AvgPool2d: "AveragePool",
     nn.AdaptiveAvgPool1d: "GlobalAveragePool", nn.AdaptiveAvgPool2d: "GlobalAveragePool",
-    nn.Upsample: "Resize", nn.Embedding: "Gather",
+    nn.ZeroPad2d: "Pad", nn.ConstantPad2d: "Pad", nn.Upsample: "Resize", nn.Embedding: "Gather",
     nn.Dropout: "Identity", nn.Identity: "Identity", nn.Flatten: "Flatten",
 }
 
@@ -134,7 +134,7 @@ _FUNCTION_OP_TYPES: dict = {
     F.adaptive_avg_pool2d: "GlobalAveragePool", F.adaptive_avg_pool1d: "GlobalAveragePool",
     F.avg_pool2d: "AveragePool", F.max_pool2d: "MaxPool",
     torch.mean: "ReduceMean", torch.sum: "ReduceSum",
-    F.interpolate: "Resize", F.linear: "Gemm", F.conv2d: "Conv",
+    F.pad: "Pad", F.interpolate: "Resize", F.linear: "Gemm", F.conv2d: "Conv",
     torch.flatten: "Flatten", torch.reshape: "Reshape", torch.permute: "Transpose",
     torch.transpose: "Transpose", torch.squeeze: "Squeeze", torch.unsqueeze: "Unsqueeze",
     operator.getitem: "Gather", F.dropout: "Identity", torch.chunk: "Split", torch.split: "Split",
@@ -155,7 +155,7 @@ _METHOD_OP_TYPES: dict[str, str] = {
 # Ops that only move, select or relabel values: their outputs take their input's quantization.
 DATA_MOVEMENT_OPS = frozenset({
     "Identity", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Split",
-    "Gather", "Shape", "Tile",
+    "Gather", "Shape", "Tile", "Pad",  # zero padding: 0 is on every grid
 })
 
 

