@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from importlib import resources
+from pathlib import Path
 
 
 def _recipes() -> dict[str, list[str]]:
@@ -53,6 +54,28 @@ def _cmd_train(args) -> int:
 
     result = train_model(default_registry().get(args.model), seed=args.seed, progress=True)
     print(f"{args.model}: {result.path} sha256={result.sha256} test top1={result.top1_test:.2f} ({result.seconds:.0f}s)")
+    return 0
+
+
+def _cmd_publish(args) -> int:
+    from .distribution import newest_record, publish
+
+    model, _, recipe = args.target.partition("/")
+    folder = publish(newest_record(Path(args.results_dir), model, recipe), Path(args.to))
+    print(f"published {args.target} to {folder}")
+    return 0
+
+
+def _cmd_download(args) -> int:
+    from zoo.registry import default_registry
+
+    from .distribution import download
+
+    model, _, recipe = args.target.partition("/")
+    paths = download(default_registry().get(model), recipe, to=Path(args.to) if args.to else None,
+                     mirror=args.mirror, offline=True if args.offline else None)
+    for kind, path in paths.items():
+        print(f"{kind:<10} {path}")
     return 0
 
 
@@ -106,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("publish", help="write a run's artifacts in the hub layout (sha256 in file names)")
+    p.add_argument("target", metavar="MODEL/RECIPE")
+    p.add_argument("--to", required=True, help="destination folder, served by any static file server")
+    p.add_argument("--results-dir", default="results")
+    p.set_defaults(func=_cmd_publish)
+    p = sub.add_parser("download", help="fetch and verify a recipe's optimized artifacts (weights, encodings, ONNX)")
+    p.add_argument("target", metavar="MODEL/RECIPE")
+    p.add_argument("--to", default=None, help="also copy the verified files here")
+    p.add_argument("--mirror", default=None, help="base URL replacing the card's hub URL (or QUANTZOO_MIRROR)")
+    p.add_argument("--offline", action="store_true", help="use the cache only (or QUANTZOO_OFFLINE=1)")
+    p.set_defaults(func=_cmd_download)
     sub.add_parser("run", help="quantzoo run MODEL/RECIPE [hydra overrides] [-m]: FP32 vs simulated vs ONNX Runtime")
     args = parser.parse_args(argv)
     return _guarded(lambda: args.func(args))
