@@ -206,11 +206,6 @@ def zero_point_from_aimet_offset(offset: torch.Tensor, spec: QuantizerSpec) -> t
     return (-offset.to(torch.int64) - shift).to(torch.int32)
 
 
-def bit_ops_factor(weight_bits: int, activation_bits: int) -> int:
-    """Bit operations per MAC at the given bitwidths (used for bit-op counts)."""
-    return int(weight_bits) * int(activation_bits)
-
-
 def is_power_of_two(value: float) -> bool:
     """True when ``value`` is exactly 2^k."""
     mantissa, _ = math.frexp(value)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from onnxscript import opset21 as op
-from onnxscript.onnx_types import TensorType  # noqa: F401  (keeps onnxscript's type registry loaded)
 
 _ONNX_FLOAT16, _ONNX_BFLOAT16, _ONNX_FLOAT = 10, 16, 1
 
