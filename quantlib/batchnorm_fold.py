@@ -81,14 +81,15 @@ def fold_batch_norms(gm: fx.GraphModule) -> list[tuple[str, str]]:
             gm.graph.erase_node(node)
             _delete_submodule(gm, node.target)
         else:
-            _set_submodule(gm, node.target, remainder)
+            set_submodule(gm, node.target, remainder)
         folded.append((producer.target, node.target))
     gm.graph.lint()
     gm.recompile()
     return folded
 
 
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` of ``root`` with ``module``."""
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, module)

@@ -33,6 +33,7 @@ class QuantizedWeightMixin:
         self.input_quantizer_ref: tuple[FakeQuantizer] | None = None  # tuple: not a submodule
         self._cache_key = None
         self._cached_weight = None
+        self._bias_cache = None
         self._export_tensors = None
 
     @classmethod
@@ -113,11 +114,21 @@ class QuantizedWeightMixin:
         bias = self.bias
         if bias is None or not self.weight_quantizer.spec.enabled or self.weight_quantizer.spec.is_float:
             return bias
+        inq = self.input_quantizer_ref[0] if self.input_quantizer_ref else None
+        needs_grad = torch.is_grad_enabled() and bias.requires_grad
+        key = (bias._version, id(bias), self.weight_quantizer.version, inq.version if inq else None,
+               inq.calibrating if inq else None)
+        if not needs_grad and self._bias_cache is not None and self._bias_cache[0] == key:
+            return self._bias_cache[1]
         quantized = self._export_bias(self.weight_quantizer.spec)
         if quantized is None:
-            return bias
-        codes, scale, _ = quantized
-        return bias + (codes.to(bias.dtype) * scale - bias).detach()
+            result = bias
+        else:
+            codes, scale, _ = quantized
+            result = bias + (codes.to(bias.dtype) * scale - bias).detach()
+        if not needs_grad:  # a tuple, so a Parameter result is not registered as a submodule parameter
+            self._bias_cache = (key, result)
+        return result
 
     def _weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._export_tensors is None:

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tqdm.auto import tqdm
 
 from .affine import zero_point_from_aimet_offset
-from .batchnorm_fold import fold_batch_norms
+from .batchnorm_fold import fold_batch_norms, set_submodule
 from .config import QuantSimConfig, load_config
 from .graph import DATA_MOVEMENT_OPS, decompose_attention, op_type, scope_name, trace
 from .qmodules import QuantizedWeightMixin, quantized_class_for
@@ -93,7 +93,7 @@ class QuantSim:
             spec = self.config.weight_spec(self.op_types[node.name], node.target)
             qmodule = cls.from_float(module, spec, node.target)
             qmodule.calibrate_weight()
-            _set_submodule(gm, node.target, qmodule)
+            set_submodule(gm, node.target, qmodule)
 
     def _fused_nodes(self) -> set[fx.Node]:
         """Nodes inside a supergroup whose output feeds only the next member (no quantizer)."""
@@ -270,8 +270,3 @@ class QuantSim:
             "folded_batch_norms": len(self.folded_batch_norms),
         }
 
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)

@@ -122,8 +122,22 @@ def test_package_resource_sha_is_verified(registry):
         resolve_weights(missing)
 
 
-def test_efficientnet_lite0_in_order_mapping(registry):
+def test_efficientnet_lite0_maps_in_order_onto_timm(registry):
     card = registry.get("efficientnet_lite0")
+    model = build_fp32_model(card)
+    checkpoint = load_state_dict(resolve_weights(card))
+    assert len(checkpoint) == len(model.state_dict()) == 296
+    assert torch.equal(model.state_dict()["conv_stem.weight"], checkpoint["_conv_stem.weight"])
+    assert torch.equal(model.state_dict()["classifier.weight"], checkpoint["_fc.weight"])
+    assert model.bn1.eps == 1e-5  # timm's efficientnet_lite0, as the project's reference setup
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(torch.randn(1, *card.input_size))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_efficientnet_lite0_tf_in_order_mapping(registry):
+    card = registry.get("efficientnet_lite0_tf")
     model = build_fp32_model(card)
     checkpoint = load_state_dict(resolve_weights(card))
     assert len(checkpoint) == len(model.state_dict()) == 296

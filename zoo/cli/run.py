@@ -71,9 +71,7 @@ def resolve_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _preprocessing(card: ModelCard) -> Preprocessing:
-    p = card.preprocessing
-    return Preprocessing(resize=p.resize, crop=p.crop, interpolation=p.interpolation,
-                         mean=tuple(p.mean), std=tuple(p.std), in_chans=p.in_chans)
+    return Preprocessing(**card.preprocessing.as_kwargs())
 
 
 def _datasets(card: ModelCard, data: dict[str, Any]):
