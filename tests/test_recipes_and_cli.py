@@ -103,3 +103,11 @@ def test_list_and_show(capsys):
     assert main(["show", "efficientnet_lite0"]) == 0
     card = json.loads(capsys.readouterr().out)
     assert card["name"] == "efficientnet_lite0" and "w8a8_per_channel" in card["recipes"]
+
+
+def test_unknown_ptq_step_is_refused_not_ignored(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["run", "digits_mlp/w8a8_per_channel", "ptq.steps=[cle]", "hydra.run.dir=.", "evaluator.progress=false"])
+    err = capsys.readouterr().err
+    assert "ptq.steps" in err and "Traceback" not in err

@@ -101,6 +101,10 @@ def quant_config(quant: dict[str, Any]):
 def execute(cfg: DictConfig) -> dict[str, Any]:
     """Run one recipe end to end and write its record; returns the record."""
     resolved = resolve_config(cfg)
+    if resolved["ptq"]["steps"]:
+        raise RunConfigError(
+            f"ptq.steps={resolved['ptq']['steps']} names PTQ passes this version does not have; use ptq=none (ptq.steps=[])"
+        )
     torch.manual_seed(resolved["seed"])
     ev = resolved["evaluator"]
     card = default_registry().get(resolved["model"]["name"])
