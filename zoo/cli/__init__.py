@@ -10,7 +10,12 @@ import argparse
 import json
 import sys
 from importlib import resources
+from importlib import import_module
 from pathlib import Path
+
+# Subcommands that live in their own module `zoo.cli.<name>`; each module defines
+# `register(subparsers)`, which adds its parser and sets `func` to a callable(args) -> int.
+PLUGIN_COMMANDS: tuple[str, ...] = ()
 
 
 def _recipes() -> dict[str, list[str]]:
@@ -140,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mirror", default=None, help="base URL replacing the card's hub URL (or QUANTZOO_MIRROR)")
     p.add_argument("--offline", action="store_true", help="use the cache only (or QUANTZOO_OFFLINE=1)")
     p.set_defaults(func=_cmd_download)
+    for name in PLUGIN_COMMANDS:
+        import_module(f"{__name__}.{name}").register(sub)
     sub.add_parser("run", help="quantzoo run MODEL/RECIPE [hydra overrides] [-m]: FP32 vs simulated vs ONNX Runtime")
     args = parser.parse_args(argv)
     return _guarded(lambda: args.func(args))
