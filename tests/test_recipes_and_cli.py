@@ -49,6 +49,16 @@ def test_wrong_key_fails_at_compose_time_naming_it(hydra_recipes):
     assert "weight_bitz" in str(err.value.__cause__ or err.value)
 
 
+def test_checkpoint_setting_defaults_to_calibration_and_a_typo_fails_at_compose_time(hydra_recipes):
+    assert compose(config_name="digits_mlp/w8a8_per_channel").checkpoint is None
+    cfg = compose(config_name="digits_mlp/w8a8_per_channel", overrides=["checkpoint=download"])
+    assert cfg.checkpoint == "download"
+    assert compose(config_name="digits_mlp/w8a8_per_channel", overrides=["checkpoint=/pub/x"]).checkpoint == "/pub/x"
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(config_name="digits_mlp/w8a8_per_channel", overrides=["checkpoints=download"])
+    assert "checkpoints" in str(err.value.__cause__ or err.value)
+
+
 def test_wrong_type_fails_at_compose_time(hydra_recipes):
     with pytest.raises(ConfigCompositionException):
         compose(config_name="digits_mlp/w8a8_per_channel", overrides=["quant.weight_bits=four"])
@@ -94,6 +104,12 @@ def test_run_writes_a_complete_record(monkeypatch, capsys, tmp_path):
     assert len(prov["dataset_fingerprint"]["eval"]) == 64 and len(prov["checkpoint_sha256"]) == 64
     assert len(prov["calibration_sample_ids"]) == 256 and {"sha", "dirty"} <= set(prov["git"])
     assert {"build_fp32", "calibrate", "eval_quantsim", "export", "eval_onnxruntime"} <= set(record["timings"])
+    assert record["source"] == {"kind": "calibration"} and record["skipped_stages"] == {}
+    assert prov["quantized_checkpoint_sha256"] is None
+    digests = {backend: record["metrics"][backend]["predictions_sha256"] for backend in ("fp32", "quantsim", "onnxruntime")}
+    assert all(len(d) == 64 for d in digests.values())
+    # 100% agreement between simulation and ORT means the same predictions, hence the same digest
+    assert (digests["quantsim"] == digests["onnxruntime"]) == (record["agreement"]["quantsim_vs_onnxruntime_top1"] == 100.0)
 
 
 def test_list_and_show(capsys):

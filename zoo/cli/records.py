@@ -2,13 +2,16 @@
 
 A record holds metrics, per-stage timings, artifacts with sha256, and the provenance needed to
 trust and repeat the run (resolved config, git sha and dirty flag, package versions, platform,
-CPU/GPU, threads, seed, dataset fingerprints, calibration sample ids, checkpoint sha256).
+CPU/GPU, threads, seed, dataset fingerprints, calibration sample ids, FP32 checkpoint sha256 and,
+for a run started from published artifacts, their sha256). ``source`` says whether the simulated
+model was calibrated or loaded, and ``skipped_stages`` why a stage did not run.
 Records are written atomically, under a unique run id, so parallel runs never clobber each other.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -70,9 +73,19 @@ def hardware() -> dict[str, Any]:
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
 
 
+def predictions_sha256(predictions: list[int]) -> str:
+    """sha256 of the top-1 predictions (dataset order) as compact JSON: equal digests, equal predictions."""
+    return hashlib.sha256(json.dumps([int(p) for p in predictions], separators=(",", ":")).encode()).hexdigest()
+
+
 def provenance(config: dict[str, Any], *, seed: int, dataset_fingerprints: dict[str, str],
-               calibration_sample_ids: list[str], checkpoint_sha256: str) -> dict[str, Any]:
-    """The provenance block of a run record."""
+               calibration_sample_ids: list[str], checkpoint_sha256: str,
+               quantized_checkpoint_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+    """The provenance block of a run record.
+
+    ``checkpoint_sha256`` is the FP32 weights' sha256; ``quantized_checkpoint_sha256`` maps each
+    published artifact a run loaded instead of calibrating (kind -> sha256), None when it calibrated.
+    """
     return {
         "config": config,
         "git": git_state(),
@@ -84,6 +97,7 @@ def provenance(config: dict[str, Any], *, seed: int, dataset_fingerprints: dict[
         "dataset_fingerprint": dataset_fingerprints,
         "calibration_sample_ids": calibration_sample_ids,
         "checkpoint_sha256": checkpoint_sha256,
+        "quantized_checkpoint_sha256": quantized_checkpoint_sha256,
     }
 
 

@@ -2,6 +2,23 @@
 
 A recipe composes these groups; because the schema is a dataclass, a misspelt key or a wrong
 type fails at compose time with a message naming the key.
+
+Top-level settings of :class:`RunConf` besides the groups:
+
+* ``recipe``: the recipe name (``w8a8_per_channel``, ...); ``seed``: the torch seed;
+* ``results_dir`` / ``artifacts_dir``: where run records and exported files go;
+* ``checkpoint``: where the quantized model comes from.
+    - ``null`` (default): calibrate the simulated model on the calibration split, as usual;
+    - ``download``: fetch the recipe's published artifacts (integer-weight safetensors,
+      encodings JSON, ONNX) with ``quantzoo download``'s rules: the sha256 listed on the model
+      card (else in the published manifest), the cache, ``QUANTZOO_MIRROR`` and
+      ``QUANTZOO_OFFLINE``;
+    - a path: a folder written by ``quantzoo publish`` (its ``--to`` root or the
+      ``<model>/<recipe>`` folder inside it) or that folder's ``manifest.json`` (a folder that is
+      literally called ``download`` is written ``./download``).
+  With a source set, the run loads the published checkpoint into the simulated model instead of
+  calibrating, evaluates the published ONNX file in ONNX Runtime, and records both stages it
+  skipped (``calibrate``, ``export``) and the artifacts' sha256.
 """
 
 from __future__ import annotations
@@ -65,6 +82,7 @@ class RunConf:
     seed: int = 0
     results_dir: str = "results"
     artifacts_dir: str = "artifacts"
+    checkpoint: Optional[str] = None  # null: calibrate | download | a published folder or manifest.json
 
 
 def register_schemas() -> None:
