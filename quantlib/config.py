@@ -16,6 +16,7 @@ Layout of a config file (every section optional)::
       - {pattern: conv_stem, weight: {bitwidth: 8}}
       - {pattern: classifier, output: {dtype: float16}, weight: {dtype: float16}}
     fold_batch_norms: true
+    arithmetic: float         # or integer: mirror integer kernels (see QuantSim.set_arithmetic)
 
 A quantizer's spec is resolved as: defaults -> op type rule -> model input/output rule -> module
 rules. Presets ship in ``quantlib/configs/`` and are loaded by name.
@@ -34,6 +35,7 @@ import yaml
 
 from .spec import QuantizerSpec, QuantSpecError, spec_from_dict
 
+ARITHMETIC_MODES = ("float", "integer")
 DEFAULT_ACTIVATION = QuantizerSpec(bitwidth=8, symmetric=False, signed=False)
 DEFAULT_WEIGHT = QuantizerSpec(bitwidth=8, symmetric=True, signed=True, granularity="per_channel")
 DEFAULT_SUPERGROUPS = (
@@ -71,6 +73,7 @@ class QuantSimConfig:
     model_output: Mapping[str, Any] = field(default_factory=lambda: {"enabled": True})
     modules: tuple[ModuleRule, ...] = ()
     fold_batch_norms: bool = True
+    arithmetic: str = "float"
     name: str = "custom"
 
     def activation_spec(self, op_type: str, scope: str, *, is_input: bool = False, is_output: bool = False) -> QuantizerSpec:
@@ -112,7 +115,7 @@ class QuantSimConfig:
         return dataclasses.replace(self, modules=self.modules + tuple(_parse_module_rules(rules, len(self.modules))))
 
 
-_TOP_LEVEL_KEYS = {"name", "defaults", "op_types", "supergroups", "model_input", "model_output", "modules", "fold_batch_norms"}
+_TOP_LEVEL_KEYS = {"name", "defaults", "op_types", "supergroups", "model_input", "model_output", "modules", "fold_batch_norms", "arithmetic"}
 
 
 def preset_names() -> list[str]:
@@ -167,10 +170,13 @@ def parse_config(data: Mapping[str, Any]) -> QuantSimConfig:
     spec_from_dict(model_input, activation, "model_input")
     spec_from_dict(model_output, activation, "model_output")
     modules = tuple(_parse_module_rules(data.get("modules") or [], 0))
+    arithmetic = str(data.get("arithmetic", "float"))
+    if arithmetic not in ARITHMETIC_MODES:
+        raise QuantSpecError(f"config.arithmetic={arithmetic!r} is not valid; use one of {', '.join(ARITHMETIC_MODES)}")
     return QuantSimConfig(
         activation=activation, weight=weight, op_types=op_types, supergroups=supergroups,
         model_input=model_input, model_output=model_output, modules=modules,
-        fold_batch_norms=bool(data.get("fold_batch_norms", True)), name=str(data.get("name", "custom")),
+        fold_batch_norms=bool(data.get("fold_batch_norms", True)), arithmetic=arithmetic, name=str(data.get("name", "custom")),
     )
 
 

@@ -5,6 +5,14 @@ In inference (no gradient needed) the quantize-dequantized weight is cached and 
 when the weight or the encoding changes, so weight quantization costs nothing per batch.
 During export the weight is stored as integers (int8/int16 codes) and biases as int32 codes at
 scale ``input_scale * weight_scale``, the layout ONNX Runtime's integer kernels expect.
+
+With ``integer_arithmetic`` on (QuantSim ``arithmetic: integer``), a Conv1d/Conv2d/Linear whose
+input and output quantizers are known 8-bit per-tensor grids computes as an integer kernel
+(ONNX Runtime's QLinearConv/QGemm) does: the accumulator ``sum((x_q - x_zp) * w_q) + bias_q`` is
+exact (integer values held in float32, exact while partial sums stay below 2^24), then it is
+requantized by the float32 multiplier ``x_scale * w_scale / y_scale`` with round-half-even and
+saturated to the output grid. The float path instead sums dequantized values, whose rounding
+differs from the integer kernel near ties; the integer path removes that difference.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import onnx_ops
-from .affine import container_dtype, quantize
+from .affine import container_dtype, expand_qparam, quantize
 from .quantizer import FakeQuantizer
 from .spec import QuantizerSpec
 
@@ -24,6 +32,7 @@ class QuantizedWeightMixin:
 
     weight_axis = 0
     weight_quantizer: FakeQuantizer
+    supports_integer_kernel = False  # True where ``_accumulate`` is defined
 
     def _init_quant(self, spec: QuantizerSpec, name: str) -> None:
         if spec.granularity != "per_tensor":
@@ -31,6 +40,9 @@ class QuantizedWeightMixin:
         self.weight_quantizer = FakeQuantizer(spec, name=f"{name}.weight")
         self.weight_quantizer.exact = True  # cached, so the exact (ONNX) arithmetic is free
         self.input_quantizer_ref: tuple[FakeQuantizer] | None = None  # tuple: not a submodule
+        self.output_quantizer_ref: tuple[FakeQuantizer] | None = None
+        self.integer_arithmetic = False
+        self._integer_cache = None
         self._cache_key = None
         self._cached_weight = None
         self._bias_cache = None
@@ -130,6 +142,73 @@ class QuantizedWeightMixin:
             self._bias_cache = (key, result)
         return result
 
+    # -- integer kernel ------------------------------------------------------------------------
+    def integer_kernel_ready(self) -> bool:
+        """True when forward runs as an integer kernel now (see the module docstring)."""
+        return self._integer_plan() is not None
+
+    def _integer_plan(self):
+        """(weight codes, bias codes, multiplier, input scale, output scale, lo, hi) or None."""
+        if not (self.integer_arithmetic and self.supports_integer_kernel) or self.training:
+            return None
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return None
+        wq = self.weight_quantizer
+        inq = self.input_quantizer_ref[0] if self.input_quantizer_ref else None
+        outq = self.output_quantizer_ref[0] if self.output_quantizer_ref else None
+        if inq is None or outq is None or wq.exporting or not wq.active or not wq.has_encoding:
+            return None
+        if wq.spec.is_float or wq.spec.bitwidth > 8 or wq.spec.granularity == "per_block":
+            return None
+        for q in (inq, outq):
+            if not q.active or q.exporting or not q.has_encoding or q.spec.is_float or q.spec.bitwidth > 8 \
+                    or q.spec.granularity != "per_tensor":
+                return None
+        bias = self.bias
+        key = (self.weight._version, id(self.weight), None if bias is None else (bias._version, id(bias)),
+               wq.version, inq.version, outq.version, self.weight.device)
+        if self._integer_cache is not None and self._integer_cache[0] == key:
+            return self._integer_cache[1]
+        plan = self._build_integer_plan(wq, inq, outq)
+        self._integer_cache = (key, plan)
+        return plan
+
+    @torch.no_grad()
+    def _build_integer_plan(self, wq: FakeQuantizer, inq: FakeQuantizer, outq: FakeQuantizer):
+        weight = self.weight.detach()
+        codes = quantize(weight, wq.scale, wq.zero_point, wq.spec).float()
+        codes = codes - expand_qparam(wq.zero_point.float(), weight.shape, wq.spec)
+        bias_codes = None
+        if self.bias is not None:
+            quantized_bias = self._export_bias(wq.spec)
+            if quantized_bias is None:
+                return None
+            bias_codes = quantized_bias[0].float()
+        in_scale, out_scale = inq.scale.reshape(()), outq.scale.reshape(())
+        multiplier = (in_scale * wq.scale.reshape(-1)) / out_scale  # float32, as ORT computes it
+        zero_point = float(outq.zero_point.reshape(()))
+        lo, hi = outq.spec.quant_min - zero_point, outq.spec.quant_max - zero_point
+        return codes, bias_codes, self._channel_view(multiplier), in_scale, out_scale, lo, hi
+
+    def _integer_forward(self, x: torch.Tensor, plan) -> torch.Tensor:
+        codes, bias_codes, multiplier, in_scale, out_scale, lo, hi = plan
+        accumulator = self._accumulate(torch.round(x / in_scale), codes, bias_codes)
+        return torch.round(accumulator * multiplier).clamp_(lo, hi).mul_(out_scale)
+
+    def _channel_view(self, per_channel: torch.Tensor) -> torch.Tensor:
+        """``per_channel`` shaped to broadcast over this layer's output channels."""
+        return per_channel.reshape(-1, *([1] * (self.weight.dim() - 2)))
+
+    def _accumulate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._integer_plan()
+        if plan is not None:
+            return self._integer_forward(x, plan)
+        weight, bias = self._weight_and_bias()
+        return self._accumulate(x, weight, bias)
+
     def _weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._export_tensors is None:
             weight = self.quantized_weight()
@@ -144,15 +223,23 @@ class QuantizedWeightMixin:
 
 
 class QuantConv1d(QuantizedWeightMixin, nn.Conv1d):
-    def forward(self, x):
-        weight, bias = self._weight_and_bias()
+    supports_integer_kernel = True
+
+    def _accumulate(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
+
+    def forward(self, x):
+        return self._forward_quantized(x)
 
 
 class QuantConv2d(QuantizedWeightMixin, nn.Conv2d):
-    def forward(self, x):
-        weight, bias = self._weight_and_bias()
+    supports_integer_kernel = True
+
+    def _accumulate(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
+
+    def forward(self, x):
+        return self._forward_quantized(x)
 
 
 class QuantConvTranspose2d(QuantizedWeightMixin, nn.ConvTranspose2d):
@@ -167,9 +254,13 @@ class QuantConvTranspose2d(QuantizedWeightMixin, nn.ConvTranspose2d):
 
 
 class QuantLinear(QuantizedWeightMixin, nn.Linear):
-    def forward(self, x):
-        weight, bias = self._weight_and_bias()
+    supports_integer_kernel = True
+
+    def _accumulate(self, x, weight, bias):
         return F.linear(x, weight, bias)
+
+    def forward(self, x):
+        return self._forward_quantized(x)
 
 
 def quantized_class_for(module: nn.Module) -> type | None:

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from .affine import zero_point_from_aimet_offset
 from .batchnorm_fold import fold_batch_norms, set_submodule
-from .config import QuantSimConfig, load_config
+from .config import ARITHMETIC_MODES, QuantSimConfig, load_config
 from .graph import DATA_MOVEMENT_OPS, decompose_attention, op_type, scope_name, trace
 from .qmodules import QuantizedWeightMixin, quantized_class_for
 from .quantizer import FakeQuantizer
 
 ENCODINGS_VERSION = "1.0.0"
+_CLAMPS_AND_DATA_MOVEMENT = DATA_MOVEMENT_OPS | {"Relu", "Clip"}
 
 
 def _is_float_tensor(node: fx.Node) -> bool:
@@ -75,7 +76,8 @@ class QuantSim:
         self.op_types: dict[str, str] = {}
         self._wrap_weight_modules()
         self._insert_activation_quantizers()
-        self._link_input_quantizers()
+        self._link_quantizers()
+        self.set_arithmetic(self.config.arithmetic)
         self.model.eval()
 
     # -- construction --------------------------------------------------------------------------
@@ -160,15 +162,54 @@ class QuantSim:
         graph.lint()
         gm.recompile()
 
-    def _link_input_quantizers(self) -> None:
-        """Tell each weight module which quantizer feeds it (for int32 bias export)."""
+    def _link_quantizers(self) -> None:
+        """Tell each weight module which quantizer feeds it and which one takes its output.
+
+        The input quantizer (found through value-preserving ops such as Identity, Flatten and
+        Pad) sets the int32 bias grid. The output quantizer (found through a single-user chain of
+        clamping activations and value-preserving ops) is the grid an integer kernel
+        requantizes onto.
+        """
         modules = dict(self.model.named_modules())
+
+        def quantizer_at(node: Any) -> FakeQuantizer | None:
+            if isinstance(node, fx.Node) and node.op == "call_module":
+                module = modules.get(node.target)
+                return module if isinstance(module, FakeQuantizer) else None
+            return None
+
         for node in self.model.graph.nodes:
-            if node.op != "call_module" or not isinstance(modules[node.target], QuantizedWeightMixin):
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if not isinstance(module, QuantizedWeightMixin):
                 continue
             source = node.args[0] if node.args else None
-            if isinstance(source, fx.Node) and source.op == "call_module" and isinstance(modules.get(source.target), FakeQuantizer):
-                modules[node.target].input_quantizer_ref = (modules[source.target],)
+            while isinstance(source, fx.Node) and quantizer_at(source) is None and source.args \
+                    and self.op_types.get(source.name) in DATA_MOVEMENT_OPS:
+                source = source.args[0]
+            if quantizer_at(source) is not None:
+                module.input_quantizer_ref = (quantizer_at(source),)
+            sink = node
+            while len(sink.users) == 1 and quantizer_at(next(iter(sink.users))) is None:
+                user = next(iter(sink.users))
+                if self.op_types.get(user.name) not in _CLAMPS_AND_DATA_MOVEMENT or user.args[0] is not sink:
+                    break
+                sink = user
+            if len(sink.users) == 1 and quantizer_at(next(iter(sink.users))) is not None:
+                module.output_quantizer_ref = (quantizer_at(next(iter(sink.users))),)
+
+    def set_arithmetic(self, arithmetic: str) -> None:
+        """``"float"``: QDQ simulation (fused fake-quant kernels). ``"integer"``: layers with
+        known 8-bit input and output grids run as integer kernels and activation quantizers
+        divide by the scale as QuantizeLinear does, which mirrors ONNX Runtime's CPU int8
+        execution (see :mod:`quantlib.qmodules`)."""
+        if arithmetic not in ARITHMETIC_MODES:
+            raise ValueError(f"arithmetic={arithmetic!r} is not valid; use one of {', '.join(ARITHMETIC_MODES)}")
+        integer = arithmetic == "integer"
+        for quantizer in self.activation_quantizers().values():
+            quantizer.exact = integer
+        for module in self.weight_modules().values():
+            module.integer_arithmetic = integer
+        self.arithmetic = arithmetic
 
     # -- access --------------------------------------------------------------------------------
     def weight_modules(self) -> dict[str, QuantizedWeightMixin]:
