@@ -124,6 +124,18 @@ def test_list_and_show(capsys):
 def test_unknown_ptq_step_is_refused_not_ignored(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        main(["run", "digits_mlp/w8a8_per_channel", "ptq.steps=[cle]", "hydra.run.dir=.", "evaluator.progress=false"])
+        main(["run", "digits_mlp/w8a8_per_channel", "ptq.steps=[cle_typo]", "hydra.run.dir=.", "evaluator.progress=false"])
     err = capsys.readouterr().err
-    assert "ptq.steps" in err and "Traceback" not in err
+    assert "ptq.steps[0]" in err and "cle_typo" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("results/runs/*.json"))
+
+
+def test_ptq_steps_run_and_are_recorded_with_timings(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    main(["run", "digits_mlp/w8a8_per_channel", "ptq.steps=[{name: bias_correction}]", "hydra.run.dir=.",
+          "evaluator.progress=false", "evaluator.onnxruntime=false"])
+    (record_path,) = (tmp_path / "results" / "runs").glob("digits_mlp__w8a8_per_channel__*.json")
+    record = json.loads(record_path.read_text())
+    assert [s["name"] for s in record["ptq"]["steps"]] == ["bias_correction"]
+    assert record["timings"]["ptq_bias_correction"] >= 0 and record["timings"]["calibrate"] > 0
+    assert record["cost"]["macs"] > 0 and record["qat"] is None and record["compress"] is None

@@ -74,7 +74,7 @@ def publish(record: dict[str, Any], destination: Path) -> Path:
     config = record["provenance"]["config"]
     manifest = {"model": record["model"], "recipe": record["recipe"], "run_id": record["run_id"],
                 "artifacts": entries, "metrics": {k: v["top1"] for k, v in record["metrics"].items()},
-                "config": {"quant": config["quant"], "ptq": config["ptq"]},
+                "config": {group: config[group] for group in ("quant", "ptq", "compress") if group in config},
                 "fp32_sha256": record["provenance"]["checkpoint_sha256"]}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return folder

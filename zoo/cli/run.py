@@ -1,9 +1,13 @@
 """`quantzoo run MODEL/RECIPE`: FP32, simulated and ONNX Runtime accuracy side by side.
 
 This is where zoo, quantlib and evaluators meet. Stages (each timed):
-    build_fp32 -> eval_fp32 -> prepare (QuantSim) -> calibrate -> eval_quantsim -> export ->
-    eval_onnxruntime -> record.
-Calibration data comes from the calibration split only; evaluation from the eval split only.
+    build_fp32 -> eval_fp32 -> [compress -> eval_compressed] -> prepare (model-level PTQ steps,
+    QuantSim) -> calibrate -> [ptq_<step> for each sim-level PTQ step] -> [qat] -> eval_quantsim ->
+    export -> eval_onnxruntime -> record.
+The bracketed stages run when the recipe's ``compress.steps``, ``ptq.steps`` or ``qat.enabled``
+ask for them (:mod:`zoo.cli.compress_stage`, :mod:`zoo.cli.quantize_stage`,
+:mod:`zoo.cli.qat_stage`). Calibration, PTQ searches and QAT use the calibration split only;
+evaluation uses the eval split only.
 
 With ``checkpoint=download`` or ``checkpoint=<published folder>`` the run starts from published
 artifacts instead: fetch_checkpoint -> (check they fit the recipe) -> prepare ->
@@ -16,7 +20,7 @@ the run that published them (``predictions_sha256`` in each metrics entry shows 
 
 from __future__ import annotations
 
-import json
+import copy
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,21 +40,22 @@ from evaluators import (
     evaluate_classification,
     prediction_agreement,
 )
-from quantlib.checkpoint import load_quantized_state_dict
 from quantlib.config import load_config
 from quantlib.export import export
-from quantlib.quantsim import QuantSim
+from quantlib.cost import model_cost
 from zoo.builder import build_fp32_model, weights_sha256
 from zoo.card import ModelCard
 from zoo.hub import sha256_file
 from zoo.registry import default_registry
 
-from .distribution import DOWNLOAD, PublishedArtifacts, fetch_published
+from .distribution import DOWNLOAD, fetch_published
+from .errors import RunConfigError
+from .published_checkpoint import check_published_recipe, load_published_checkpoint
+from .quantize_stage import calibrated_quantsim, stage_seconds, uncalibrated_quantsim
 from .records import new_run_id, predictions_sha256, provenance, write_record
 
-
-class RunConfigError(ValueError):
-    """A recipe setting is wrong; the message names the setting and the fix."""
+__all__ = ["RunConfigError", "execute", "format_summary", "load_published_checkpoint", "quant_config",
+           "recipe_datasets", "resolve_config", "wrap_errors"]
 
 
 @dataclass
@@ -110,122 +115,35 @@ def quant_config(quant: dict[str, Any]):
     return config
 
 
-# (quantizer kind, spec field) -> the recipe setting that decides it; other fields come from quant.config
-_SPEC_SETTINGS = {("weight", "bitwidth"): "quant.weight_bits", ("weight", "observer"): "quant.weight_observer",
-                  ("activation", "bitwidth"): "quant.activation_bits", ("activation", "observer"): "quant.activation_observer"}
-
-
-def check_published_recipe(published: PublishedArtifacts, card: ModelCard, resolved: dict[str, Any]) -> None:
-    """RunConfigError naming the first setting where the published manifest differs from this run.
-
-    Checks model and recipe, every ``quant.*`` and ``ptq.*`` setting, and the FP32 weights the
-    artifacts were made from. Without a manifest (card-listed artifacts) only the encodings check
-    of :func:`load_published_checkpoint` applies.
-    """
-    manifest, source = published.manifest, resolved["checkpoint"]
-    if manifest is None:
-        return
-    model, recipe = manifest.get("model"), manifest.get("recipe")
-    if (model, recipe) != (card.name, resolved["recipe"]):
-        raise RunConfigError(
-            f"checkpoint={source} holds {model}/{recipe} artifacts but this run is {card.name}/{resolved['recipe']}; "
-            f"run `quantzoo run {model}/{recipe} checkpoint={source}` or point checkpoint at {card.name}/{resolved['recipe']} artifacts")
-    for group in ("quant", "ptq"):
-        theirs, ours = manifest.get("config", {}).get(group), resolved[group]
-        if theirs is None:
-            continue  # manifests written before settings were recorded: the encodings check still applies
-        for key in sorted(set(theirs) | set(ours)):
-            if theirs.get(key) != ours.get(key):
-                raise RunConfigError(
-                    f"{group}.{key}={ours.get(key)!r} but checkpoint={source} was published with "
-                    f"{group}.{key}={theirs.get(key)!r}; drop the override or publish a run made with it")
-    fp32 = manifest.get("fp32_sha256")
-    if fp32 is not None and fp32 != weights_sha256(card):
-        raise RunConfigError(
-            f"checkpoint={source} was made from FP32 weights sha256 {fp32} but model card {card.name} has "
-            f"weights.sha256 {weights_sha256(card)}; publish a run made with this card's weights")
-
-
-def _canonical(data: Any) -> Any:
-    return json.loads(json.dumps(data, sort_keys=True))
-
-
-def load_published_checkpoint(sim: QuantSim, published: PublishedArtifacts, source: str) -> None:
-    """Install the published integer weights and encodings into ``sim`` (mutated) instead of calibrating.
-
-    First every quantizer's spec in the encodings' ``quantizer_args`` must equal the one this
-    recipe builds (else RunConfigError naming the ``quant.*`` setting); then the integer
-    checkpoint is loaded (:func:`quantlib.checkpoint.load_quantized_state_dict`: weights rebuilt
-    on their grid, bit for bit); last, the encodings ``sim`` now has must equal the published
-    encodings file, so the two artifacts are proven to describe one model.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = published.paths["encodings"]
-    try:
-        encodings = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunConfigError(f"checkpoint={source}: {path.name} is not an encodings JSON file ({err})") from None
-    published_args = encodings.get("quantizer_args") if isinstance(encodings, dict) else None
-    if not isinstance(published_args, dict) or not all(isinstance(v, dict) for v in published_args.values()):
-        raise RunConfigError(f"checkpoint={source}: {path.name} has no quantizer_args table; it was not written by quantlib's save_encodings")
-    params = set(sim.param_quantizers())
-    for name, quantizer in sim.quantizers().items():
-        if name not in published_args:
-            raise RunConfigError(
-                f"checkpoint={source} has no quantizer {name!r}; the artifacts were published for another model or quant.config")
-        ours, theirs = _canonical(quantizer.spec.to_dict()), published_args[name]
-        for key in ours:
-            if ours[key] != theirs.get(key):
-                setting = _SPEC_SETTINGS.get(("weight" if name in params else "activation", key), "quant.config")
-                raise RunConfigError(
-                    f"{setting} gives quantizer {name} {key}={ours[key]!r} but checkpoint={source} was published with "
-                    f"{key}={theirs.get(key)!r}; set {setting} to match the artifacts or use their recipe")
-    extra = sorted(set(published_args) - set(sim.quantizers()))
-    if extra:
-        raise RunConfigError(
-            f"checkpoint={source} quantizes {extra[0]!r}, which this model does not have; the artifacts were published for another model or quant.config")
-    weights = published.paths["weights"]
-    try:
-        with safe_open(str(weights), "pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        load_quantized_state_dict(sim, tensors, metadata)
-    except (SafetensorError, KeyError, ValueError, RuntimeError) as err:
-        raise RunConfigError(f"checkpoint={source}: {weights.name} does not load into this model: {err}") from None
-    if _canonical(sim.encodings()) != _canonical(encodings):
-        raise RunConfigError(
-            f"checkpoint={source}: {weights.name} and {path.name} give different encodings; they are not from one run, publish them again")
-
-
 def execute(cfg: DictConfig) -> dict[str, Any]:
     """Run one recipe end to end and write its record; returns the record.
 
     ``checkpoint`` (see :mod:`zoo.cli.schema`) null calibrates; ``download`` or a published
-    folder loads the published artifacts instead (module docstring).
+    folder loads the published artifacts instead (module docstring). Plots and logs of the
+    PTQ, QAT and compression stages go to ``<results_dir>/runs/<run_id>/``.
     """
     resolved = resolve_config(cfg)
-    if resolved["ptq"]["steps"]:
-        raise RunConfigError(
-            f"ptq.steps={resolved['ptq']['steps']} names PTQ passes this version does not have; use ptq=none (ptq.steps=[])"
-        )
     torch.manual_seed(resolved["seed"])
     ev = resolved["evaluator"]
     source = resolved.get("checkpoint")
     card = default_registry().get(resolved["model"]["name"])
     run_id = new_run_id(card.name, resolved["recipe"])
+    record_dir = Path(resolved["results_dir"]) / "runs" / run_id
     timer = StageTimer()
     metrics: dict[str, Any] = {}
 
-    def evaluate(backend, name: str):
+    def evaluate(backend, name: str, dataset=None):
         with timer.stage(f"eval_{name}"):
-            result = evaluate_classification(backend, evaluation, batch_size=ev["batch_size"],
+            result = evaluate_classification(backend, dataset or evaluation, batch_size=ev["batch_size"],
                                              num_workers=ev["num_workers"], desc=name, progress=ev["progress"])
         metrics[name] = {**result.to_dict(), "predictions_sha256": predictions_sha256(result.predictions)}
         return result
 
     published = None
     if source is not None:
+        if resolved["qat"]["enabled"]:
+            raise RunConfigError(f"qat.enabled=true with checkpoint={source}: a published checkpoint is loaded as it is; "
+                                 "drop checkpoint= to train, or set qat=none")
         if not str(source).strip():
             raise RunConfigError(f"checkpoint={source!r} is empty; use checkpoint={DOWNLOAD}, a published folder, or null to calibrate")
         with timer.stage("fetch_checkpoint"):
@@ -237,20 +155,43 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     with timer.stage("build_fp32"):
         fp32 = build_fp32_model(card)
         calibration, evaluation = recipe_datasets(card, resolved["data"])
-    fp32_result = evaluate(TorchBackend(fp32, ev["device"]), "fp32")
+    fp32_backend = TorchBackend(fp32, ev["device"])
+    device = fp32_backend.device
+    fp32_result = evaluate(fp32_backend, "fp32")
+    example = calibration[0][0].unsqueeze(0).to(device)
+    loader = torch.utils.data.DataLoader(calibration, batch_size=resolved["data"]["calibration_batch_size"], shuffle=False)
 
-    example = calibration[0][0].unsqueeze(0)
-    with timer.stage("prepare"):
-        sim = QuantSim(fp32, example, quant_config(resolved["quant"]))
-    if published is not None:
+    def calibration_top1(model: torch.nn.Module) -> float:
+        """Searching PTQ and compression steps score on labelled calibration data, never on the eval split."""
+        return evaluate_classification(TorchBackend(model, device), calibration, batch_size=ev["batch_size"],
+                                       num_workers=ev["num_workers"], progress=False).top1
+
+    base, compress_summary = fp32, None
+    if resolved["compress"]["steps"]:
+        from .compress_stage import run_compression
+
+        with timer.stage("compress"):
+            base, compress_summary = run_compression(copy.deepcopy(fp32), resolved, calibration, example, record_dir,
+                                                     device, ev["progress"])
+        evaluate(TorchBackend(base, device), "compressed")
+
+    config, steps = quant_config(resolved["quant"]), resolved["ptq"]["steps"]
+    if published is None:
+        sim, ptq_report = calibrated_quantsim(base, example, config, steps, loader, score_fn=calibration_top1,
+                                              plots_dir=record_dir, progress=ev["progress"])
+        timer.seconds.update(stage_seconds(ptq_report))
+    else:
+        with timer.stage("prepare"):
+            sim, ptq_report = uncalibrated_quantsim(base, example, config, steps, loader)
         with timer.stage("load_checkpoint"):
             load_published_checkpoint(sim, published, str(source))
-    device = TorchBackend(sim.model, ev["device"]).device
     sim.model.to(device)
-    if published is None:
-        loader = torch.utils.data.DataLoader(calibration, batch_size=resolved["data"]["calibration_batch_size"], shuffle=False)
-        with timer.stage("calibrate"):
-            sim.calibrate(loader, progress=ev["progress"])
+    qat_summary = None
+    if resolved["qat"]["enabled"]:
+        from .qat_stage import run_qat
+
+        with timer.stage("qat"):
+            qat_summary = run_qat(sim, fp32, resolved, calibration, record_dir, device, ev["progress"])
     sim_result = evaluate(TorchBackend(sim.model, device), "quantsim")
 
     if published is None:
@@ -280,6 +221,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
                       "published_run_id": manifest.get("run_id"), "sha256": dict(sorted(published.sha256.items()))}
         skipped = {"calibrate": "encodings and integer weights loaded from the published checkpoint",
                    "export": "the published artifacts are evaluated as they are"}
+        if len(ptq_report.steps) < len(steps):
+            skipped["ptq_sim_steps"] = "sim-level PTQ steps: their effect is in the published integer weights and encodings"
         fingerprints = {"eval": evaluation.fingerprint()}
         calibration_ids = []
     record = {
@@ -292,6 +235,10 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "agreement": agreement,
         "quantsim": sim.summary(),
+        "cost": model_cost(sim).summary(),
+        "ptq": ptq_report.to_dict(),
+        "compress": compress_summary,
+        "qat": qat_summary,
         "timings": timer.seconds,
         "skipped_stages": skipped,
         "artifacts": artifacts,
@@ -320,10 +267,11 @@ def format_summary(record: dict[str, Any]) -> str:
 
 def wrap_errors(error: Exception) -> str | None:
     """A one-line message for known user errors, None for bugs (which keep their traceback)."""
+    from quantlib.ptq.registry import PTQConfigError
     from quantlib.spec import QuantSpecError
     from zoo.hub import HubError
     from zoo.registry import UnknownModelError
 
-    if isinstance(error, (RunConfigError, EvaluatorConfigError, QuantSpecError, HubError, UnknownModelError)):
+    if isinstance(error, (RunConfigError, EvaluatorConfigError, QuantSpecError, PTQConfigError, HubError, UnknownModelError)):
         return str(error)
     return None

@@ -29,6 +29,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from .schema_compress import CompressConf
+from .schema_qat import QatConf
+
 
 @dataclass
 class ModelConf:
@@ -59,7 +62,8 @@ class QuantConf:
 
 @dataclass
 class PtqConf:
-    steps: list[str] = field(default_factory=list)
+    # quantlib.ptq steps in order: a name or {name: ..., **settings}, e.g. [{name: bn_fold}, {name: cle}]
+    steps: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +81,8 @@ class RunConf:
     data: DataConf = field(default_factory=DataConf)
     quant: QuantConf = field(default_factory=QuantConf)
     ptq: PtqConf = field(default_factory=PtqConf)
+    qat: QatConf = field(default_factory=QatConf)
+    compress: CompressConf = field(default_factory=CompressConf)
     evaluator: EvaluatorConf = field(default_factory=EvaluatorConf)
     recipe: str = MISSING
     seed: int = 0

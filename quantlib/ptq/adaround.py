@@ -1,0 +1,211 @@
+"""AdaRound: learn whether each weight rounds up or down, layer by layer (Nagel et al., ICML 2020,
+"Up or Down? Adaptive Rounding for Post-Training Quantization").
+
+For each weight layer of a calibrated :class:`~quantlib.quantsim.QuantSim`, in graph order:
+
+* the layer's inputs come from the quantized model as optimized so far (activation quantizers on,
+  earlier layers already AdaRounded; ``input_source="fp32"`` uses the float model's inputs) and
+  its targets are the float layer's outputs on the float model's inputs, as in AIMET;
+* with the encoding fixed, each weight is ``s * (clamp(floor(w/s) + h(V) + z, qmin, qmax) - z)``
+  with ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` (zeta 1.1, gamma -0.1), and
+  ``V`` starts where ``h(V)`` equals the fractional part of ``w/s`` (the float weight);
+* Adam minimizes ``||W_soft x - W x_fp||^2`` (summed over output channels, averaged over samples
+  and positions) ``+ reg_weight * sum(1 - |2 h(V) - 1|^beta)``; the regularizer is off for the
+  first ``warm_start`` fraction of the iterations, then ``beta`` anneals from ``beta_start`` to
+  ``beta_end`` (cosine as in AIMET, or linear);
+* the codes ``clamp(floor(w/s) + [V >= 0] + z, qmin, qmax)`` are written into the layer as grid
+  weights and the weight encoding is frozen (:mod:`quantlib.ptq.weight_freeze`), so the sim,
+  ``encodings()``, a later ``calibrate()``, the quantized checkpoint and the ONNX export all
+  carry exactly these integers.
+
+Memory: activations are cached layer by layer for ``num_samples`` samples by
+:mod:`quantlib.ptq.layer_cache`: at most ``max_cache_mb`` MiB stay in memory and the rest is
+spilled to disk (see that module for the bound).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..affine import dequantize, expand_qparam, quantize
+from ..quantsim import QuantSim
+from .layer_cache import LayerData
+from .layer_ops import ReconstructionBatches, reconstruction_mse
+from .layerwise import LayerwiseConfig, LayerwiseStats, run_layerwise
+from .pass_config import PassConfigError, check_choice, check_int, check_positive, config_from_mapping
+from .weight_freeze import write_weight_codes
+
+ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Louizos et al. 2018), as in the paper
+BETA_SCHEDULES = ("cosine", "linear")
+
+
+@dataclass(frozen=True)
+class AdaRoundConfig(LayerwiseConfig):
+    """Settings of :func:`apply_adaround`; defaults follow AIMET. The caching, layer selection and
+    input-source settings are those of :class:`~quantlib.ptq.layerwise.LayerwiseConfig`.
+
+    Attributes:
+        num_iterations: optimization steps per layer (AIMET: 10000; 500-2000 is usually enough).
+        reg_weight: weight of the rounding regularizer (AIMET default_reg_param 0.01).
+        beta_start, beta_end: annealing range of the regularizer's exponent (20 -> 2).
+        warm_start: fraction of the iterations without the regularizer (0.2).
+        beta_schedule: cosine (AIMET) or linear (the paper's reference code).
+        learning_rate: Adam learning rate for V (1e-3).
+        history_points: how many (iteration, beta, losses) records to keep per layer.
+    """
+
+    num_iterations: int = 10000
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warm_start: float = 0.2
+    beta_schedule: str = "cosine"
+    learning_rate: float = 1e-3
+    history_points: int = 20
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("num_iterations", self.num_iterations, 0)
+        check_positive("reg_weight", self.reg_weight, allow_zero=True)
+        check_positive("beta_end", self.beta_end)
+        check_positive("learning_rate", self.learning_rate)
+        if not self.beta_start >= self.beta_end:
+            raise PassConfigError(f"beta_start={self.beta_start} must be >= beta_end={self.beta_end} (beta anneals downwards)")
+        if not 0.0 <= self.warm_start < 1.0:
+            raise PassConfigError(f"warm_start={self.warm_start} must be a fraction in [0, 1)")
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_int("history_points", self.history_points, 0)
+
+
+def beta_at(config: AdaRoundConfig, iteration: int) -> float | None:
+    """The regularizer exponent at ``iteration`` (0-based), or None while the warm start lasts."""
+    warm = int(config.warm_start * config.num_iterations)
+    if iteration < warm:
+        return None
+    span = max(config.num_iterations - 1 - warm, 1)
+    progress = min((iteration - warm) / span, 1.0)
+    if config.beta_schedule == "linear":
+        return config.beta_start + (config.beta_end - config.beta_start) * progress
+    return config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1.0 + math.cos(math.pi * progress))
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) of the paper: a sigmoid stretched to (gamma, zeta) and clipped to [0, 1]."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """V with h(V) = ``h`` for ``h`` in [0, 1]."""
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
+
+
+@dataclass
+class AdaRoundLayerResult:
+    """What AdaRound did to one layer.
+
+    ``mse_nearest`` / ``mse_adaround``: layer output MSE against the float targets on the first
+    cached chunk (whole feature maps) with round-to-nearest and with the AdaRounded weights;
+    ``flipped``: fraction of codes that differ from round-to-nearest.
+    """
+
+    name: str
+    bitwidth: int
+    num_weights: int
+    iterations: int
+    mse_nearest: float
+    mse_adaround: float
+    flipped: float
+    seconds: float
+    history: list[dict[str, float | None]] = field(default_factory=list)
+
+
+@dataclass
+class AdaRoundResult:
+    """Per-layer results plus the run's totals; :meth:`to_dict` is JSON-ready."""
+
+    layers: list[AdaRoundLayerResult]
+    stats: LayerwiseStats
+    config: AdaRoundConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "adaround", "config": asdict(self.config), **self.stats.to_dict(),
+                "layers": [asdict(layer) for layer in self.layers]}
+
+
+def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mapping[str, Any] | None = None,
+                   *, progress: bool = True) -> AdaRoundResult:
+    """AdaRound every selected weight layer of ``sim`` (mutated in place) using ``data``.
+
+    Args:
+        sim: a calibrated QuantSim (activation and weight encodings set).
+        data: yields input tensors or (input, label) pairs; the first ``num_samples`` are used.
+        config: an :class:`AdaRoundConfig` or a mapping of its fields (unknown keys raise
+            :class:`~quantlib.ptq.pass_config.PassConfigError`).
+
+    Returns the per-layer :class:`AdaRoundResult`. Afterwards each AdaRounded layer's weight
+    holds its grid values and its weight encoding is frozen.
+    """
+    config = config_from_mapping(AdaRoundConfig, config, "adaround")
+    layers, stats = run_layerwise(sim, data, config, lambda layer, gen: adaround_layer(layer, config, gen),
+                                  method="adaround", progress=progress)
+    return AdaRoundResult(layers=layers, stats=stats, config=config)
+
+
+def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Generator) -> AdaRoundLayerResult:
+    """Optimize the rounding of one layer on its cached data, then write the codes and freeze."""
+    start = time.perf_counter()
+    module = layer.module
+    wq = module.weight_quantizer
+    spec = wq.spec
+    weight = module.weight.detach().float()
+    bias = module.bias.detach().float() if module.bias is not None else None
+    scale = expand_qparam(wq.scale, weight.shape, spec)
+    zero_point = expand_qparam(wq.zero_point, weight.shape, spec).float()
+    scaled = weight / scale
+    floor = torch.floor(scaled)
+    nearest = quantize(weight, wq.scale, wq.zero_point, spec)
+    v = torch.nn.Parameter(inverse_rectified_sigmoid((scaled - floor).clamp(0.0, 1.0)))
+    batches = ReconstructionBatches(layer, config.crop, generator)
+    history: list[dict[str, float | None]] = []
+    log_at = _log_iterations(config.num_iterations, config.history_points)
+    with torch.inference_mode(False), torch.enable_grad():
+        optimizer = torch.optim.Adam([v], lr=config.learning_rate)
+        for iteration in range(config.num_iterations):
+            x, target = batches.sample()
+            h = rectified_sigmoid(v)
+            soft = (torch.clamp(floor + h + zero_point, spec.quant_min, spec.quant_max) - zero_point) * scale
+            out = batches.forward(x, soft, bias)
+            recon = (out - target).pow(2).sum(1).mean()
+            beta = beta_at(config, iteration)
+            if beta is None or config.reg_weight == 0:
+                reg = torch.zeros((), device=recon.device)
+            else:
+                reg = config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+            loss = recon + reg
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if iteration in log_at:
+                history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()), "reg": float(reg.detach())})
+    with torch.no_grad():
+        codes = torch.clamp(floor + (v >= 0).float() + zero_point, spec.quant_min, spec.quant_max).to(torch.int32)
+        mse_nearest = reconstruction_mse(layer, dequantize(nearest, wq.scale, wq.zero_point, spec), bias)
+        mse_adaround = reconstruction_mse(layer, dequantize(codes, wq.scale, wq.zero_point, spec), bias)
+        flipped = float((codes != nearest).float().mean())
+    write_weight_codes(module, codes, "adaround")
+    return AdaRoundLayerResult(name=layer.name, bitwidth=spec.bitwidth, num_weights=weight.numel(),
+                               iterations=config.num_iterations, mse_nearest=mse_nearest, mse_adaround=mse_adaround,
+                               flipped=flipped, seconds=time.perf_counter() - start, history=history)
+
+
+def _log_iterations(num_iterations: int, points: int) -> set[int]:
+    if num_iterations == 0 or points == 0:
+        return set()
+    if points == 1:
+        return {num_iterations - 1}
+    return {round(i * (num_iterations - 1) / (points - 1)) for i in range(points)}

@@ -1,0 +1,357 @@
+"""Layer-by-layer activation caches for PTQ passes that reconstruct one layer at a time.
+
+:func:`stream_layers` runs a simulated model (``QuantSim.model``) and a float reference with the
+same graph node by node over a fixed set of cached samples. When it reaches a selected weight
+layer it hands the callback that layer's cached inputs (from the quantized model as optimized so
+far, the AIMET AdaRound default, or from the float reference) and its float outputs (the
+reconstruction targets). The callback may change the layer (new weights, frozen encodings); the
+quantized stream then continues with the changed layer, so every later layer sees the inputs the
+final model will give it. Each node is computed once per model (cost: about one forward pass of
+each model over the cached samples), unlike re-running the model prefix for every layer.
+
+Memory bound: only the live frontier of the graph is kept (a value is dropped once its last user
+has run) and only nodes that lead to a selected layer are computed. All cached values live in a
+:class:`ChunkStore`: at most ``max_resident_bytes`` of them stay in memory and the rest are spilled
+to ``.npy`` files that are read back through memory maps (so a random crop of a spilled chunk
+reads only the pages it needs). Peak memory is therefore ``max_resident_bytes`` plus the working
+set of one chunk: the inputs and output of one node for ``batch_size`` samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from .pass_config import PassConfigError, check_int, check_positive
+
+# dtypes that spill to .npy; anything else stays resident (rare: index tensors, bf16)
+_SPILLABLE = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How many samples a layer-wise pass caches and how much memory the cache may hold.
+
+    Attributes:
+        num_samples: samples taken (in order) from the data; fewer if the data runs out.
+        batch_size: samples per cached chunk (also the optimization mini-batch of AdaRound/AdaQuant).
+        max_resident_mb: memory budget in MiB for cached activations; the rest is spilled to disk.
+        spill_dir: folder for spilled chunks (a temporary folder is made inside it and removed
+            afterwards); None uses the system temporary folder.
+    """
+
+    num_samples: int = 256
+    batch_size: int = 32
+    max_resident_mb: float = 1024.0
+    spill_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_int("num_samples", self.num_samples, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_positive("max_resident_mb", self.max_resident_mb, allow_zero=True)
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+@dataclass
+class _Spilled:
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+
+class ChunkStore:
+    """Values keyed by (name, chunk index); resident up to a byte budget, the rest spilled to disk.
+
+    Only plain tensors of common dtypes are spilled; other values (Python numbers, tuples, shapes)
+    are small and always stay resident. Use as a context manager, or call :meth:`close` to delete
+    the spill folder.
+    """
+
+    def __init__(self, max_resident_bytes: int, spill_dir: str | None = None) -> None:
+        self.max_resident_bytes = int(max_resident_bytes)
+        self._spill_root = spill_dir
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._entries: dict[str, list[Any]] = {}
+        self._counter = itertools.count()
+        self.resident_bytes = 0
+        self.peak_resident_bytes = 0
+        self.spilled_bytes = 0
+
+    def __enter__(self) -> "ChunkStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop everything and delete the spill folder."""
+        for key in list(self._entries):
+            self.drop(key)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def num_chunks(self, key: str) -> int:
+        """How many chunks ``key`` holds."""
+        return len(self._entries[key])
+
+    def append(self, key: str, value: Any) -> None:
+        """Store ``value`` as the next chunk of ``key``."""
+        size = _nbytes(value)
+        spillable = isinstance(value, torch.Tensor) and value.dtype in _SPILLABLE
+        if spillable and self.resident_bytes + size > self.max_resident_bytes:
+            self._entries.setdefault(key, []).append(self._spill(value))
+            self.spilled_bytes += size
+            return
+        self._entries.setdefault(key, []).append(value)
+        self.resident_bytes += size
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    def _spill(self, tensor: torch.Tensor) -> _Spilled:
+        if self._tmp is None:
+            if self._spill_root is not None:
+                Path(self._spill_root).mkdir(parents=True, exist_ok=True)
+            self._tmp = tempfile.TemporaryDirectory(prefix="quantlib-cache-", dir=self._spill_root)
+        path = Path(self._tmp.name) / f"{next(self._counter)}.npy"
+        np.save(path, tensor.detach().cpu().contiguous().numpy())
+        return _Spilled(path=path, device=tensor.device, dtype=tensor.dtype)
+
+    def get(self, key: str, index: int) -> Any:
+        """Chunk ``index`` of ``key`` as a tensor on its original device (spilled chunks are read back)."""
+        entry = self._entries[key][index]
+        if isinstance(entry, _Spilled):
+            return torch.from_numpy(np.load(entry.path)).to(entry.device)
+        return entry
+
+    def view(self, key: str, index: int) -> torch.Tensor | np.ndarray:
+        """Chunk ``index`` of ``key`` without reading it: a tensor, or a read-only memory map."""
+        entry = self._entries[key][index]
+        if isinstance(entry, _Spilled):
+            return np.load(entry.path, mmap_mode="r")
+        return entry
+
+    def device(self, key: str, index: int) -> torch.device:
+        """Device of chunk ``index`` of ``key`` (where :meth:`get` puts it)."""
+        return self._entries[key][index].device  # a _Spilled record and a tensor both have .device
+
+    def drop(self, key: str) -> None:
+        """Forget ``key`` (and delete its spilled files)."""
+        for entry in self._entries.pop(key, []):
+            if isinstance(entry, _Spilled):
+                entry.path.unlink(missing_ok=True)
+            else:
+                self.resident_bytes -= _nbytes(entry)
+
+
+def take(view: torch.Tensor | np.ndarray, index: tuple, device: torch.device) -> torch.Tensor:
+    """``view[index]`` as a tensor on ``device``; reads only the needed part of a memory map."""
+    if isinstance(view, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(view[index])).to(device)
+    return view[index]
+
+
+@dataclass
+class LayerData:
+    """The cached data of one weight layer, as handed to a :func:`stream_layers` callback.
+
+    Chunk ``i`` holds ``batch_size`` samples: ``inputs(i)`` is what the layer receives (its first
+    argument) and ``targets(i)`` the float reference layer's output for the same samples.
+    """
+
+    name: str
+    module: nn.Module
+    store: ChunkStore
+    input_key: str
+    target_key: str
+
+    @property
+    def num_chunks(self) -> int:
+        return self.store.num_chunks(self.input_key)
+
+    def inputs(self, index: int) -> torch.Tensor:
+        return self.store.get(self.input_key, index)
+
+    def targets(self, index: int) -> torch.Tensor:
+        return self.store.get(self.target_key, index)
+
+    def input_view(self, index: int) -> torch.Tensor | np.ndarray:
+        return self.store.view(self.input_key, index)
+
+    def target_view(self, index: int) -> torch.Tensor | np.ndarray:
+        return self.store.view(self.target_key, index)
+
+    def device(self) -> torch.device:
+        return self.store.device(self.input_key, 0)
+
+
+def collect_samples(data: Iterable, config: CacheConfig, device: torch.device) -> list[torch.Tensor]:
+    """The first ``config.num_samples`` inputs of ``data`` as chunks of ``config.batch_size``.
+
+    ``data`` yields input tensors or (input, label) pairs (a DataLoader, a list of batches).
+    Raises :class:`PassConfigError` when it yields nothing.
+    """
+    pieces: list[torch.Tensor] = []
+    count = 0
+    for batch in data:
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(inputs, torch.Tensor):
+            raise PassConfigError(f"data must yield tensors or (tensor, label) pairs, got {type(inputs).__name__}")
+        inputs = inputs[: config.num_samples - count]
+        pieces.append(inputs.detach().to(device))
+        count += inputs.shape[0]
+        if count >= config.num_samples:
+            break
+    if count == 0:
+        raise PassConfigError("data is empty; give at least one batch of calibration inputs")
+    return list(torch.cat(pieces).split(config.batch_size))
+
+
+class _Runner:
+    """Executes single fx nodes of one GraphModule (what fx.Interpreter does, one chunk at a time)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+
+    def attr(self, target: str) -> Any:
+        return functools.reduce(getattr, target.split("."), self.gm)
+
+    def run(self, node: fx.Node, fetch: Callable[[fx.Node], Any]) -> Any:
+        args = fx.node.map_arg(node.args, fetch)
+        kwargs = fx.node.map_arg(node.kwargs, fetch)
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        raise RuntimeError(f"cannot execute fx node {node.name} of kind {node.op}")
+
+
+def stream_layers(model: fx.GraphModule, reference: fx.GraphModule, samples: list[torch.Tensor],
+                  layers: list[str], on_layer: Callable[[LayerData], None], store: ChunkStore, *,
+                  reference_inputs: bool = False, progress: bool = False, desc: str = "layers") -> None:
+    """Visit ``layers`` (module names of ``model``) in graph order with their cached data.
+
+    Args:
+        model: the simulated model; the quantized inputs of each layer come from it.
+        reference: the float reference, a copy of ``model``'s graph (same node names) whose
+            quantizers are disabled; the reconstruction targets come from it.
+        samples: input chunks (see :func:`collect_samples`).
+        layers: names of call_module targets to visit; each must be called exactly once.
+        on_layer: called with a :class:`LayerData` before the layer's quantized output is
+            computed; may modify the layer in place.
+        store: where cached values live (see the module docstring for the memory bound).
+        reference_inputs: give layers the float reference's inputs instead of the quantized ones.
+
+    Nothing is returned; ``model`` is changed only by what ``on_layer`` does.
+    """
+    nodes = list(model.graph.nodes)
+    ref_nodes = {n.name: n for n in reference.graph.nodes}
+    if [n.name for n in nodes] != list(ref_nodes):
+        raise ValueError("reference must have the same graph as model (build it with fp32_reference(sim))")
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ValueError(f"layer-wise passes support models with one input; this one has {len(placeholders)}")
+    calls = [n for n in nodes if n.op == "call_module" and n.target in set(layers)]
+    missing = sorted(set(layers) - {n.target for n in calls})
+    if missing:
+        raise KeyError(f"layer {missing[0]!r} is not called in the model graph")
+    if len(calls) != len(set(layers)):
+        raise ValueError("a selected layer is called more than once; layer-wise passes need one call per layer")
+
+    needed = _ancestors(calls)
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use: dict[fx.Node, int] = {}
+    for node in nodes:
+        if node in needed or node in calls:
+            for arg in node.all_input_nodes:
+                last_use[arg] = max(last_use.get(arg, -1), index[node])
+    quant_runner, ref_runner = _Runner(model), _Runner(reference)
+    streams = ((ref_runner, "r:"),) if reference_inputs else ((quant_runner, "q:"), (ref_runner, "r:"))
+    num_chunks = len(samples)
+    for chunk in samples:
+        store.append("input", chunk)
+
+    def fetcher(runner: _Runner, prefix: str, chunk: int) -> Callable[[fx.Node], Any]:
+        def fetch(node: fx.Node) -> Any:
+            if node.op == "placeholder":
+                return store.get("input", chunk)
+            if node.op == "get_attr":
+                return runner.attr(node.target)
+            return store.get(prefix + node.name, chunk)
+        return fetch
+
+    def compute(node: fx.Node, runner: _Runner, prefix: str) -> None:
+        target_node = node if runner is quant_runner else ref_nodes[node.name]
+        for chunk in range(num_chunks):
+            store.append(prefix + node.name, runner.run(target_node, fetcher(runner, prefix, chunk)))
+
+    bar = tqdm(total=len(calls), desc=desc, disable=not progress, leave=False)
+    try:
+        with torch.no_grad():
+            for node in nodes:
+                if node.op in ("placeholder", "get_attr", "output"):
+                    continue
+                if node in calls:
+                    source = node.args[0] if node.args else None
+                    if not isinstance(source, fx.Node):
+                        raise ValueError(f"layer {node.target} takes no tensor argument in the graph")
+                    prefix = "r:" if reference_inputs else "q:"
+                    input_key = "input" if source.op == "placeholder" else prefix + source.name
+                    compute(node, ref_runner, "r:")  # the float outputs: reconstruction targets
+                    on_layer(LayerData(name=str(node.target), module=quant_runner.modules[node.target],
+                                       store=store, input_key=input_key, target_key="r:" + node.name))
+                    if node in needed and not reference_inputs:
+                        compute(node, quant_runner, "q:")
+                    elif node not in needed:
+                        store.drop("r:" + node.name)
+                    bar.update(1)
+                elif node in needed:
+                    for runner, prefix in streams:
+                        compute(node, runner, prefix)
+                for arg in node.all_input_nodes:
+                    if last_use.get(arg) == index[node]:
+                        store.drop("q:" + arg.name)
+                        store.drop("r:" + arg.name)
+    finally:
+        bar.close()
+        store.drop("input")
+        for node in nodes:
+            store.drop("q:" + node.name)
+            store.drop("r:" + node.name)
+
+
+def _ancestors(calls: list[fx.Node]) -> set[fx.Node]:
+    """Nodes whose values are needed to compute the inputs of ``calls`` (the calls' own outputs
+    are included only when a later call needs them)."""
+    needed: set[fx.Node] = set()
+    stack = [arg for call in calls for arg in call.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    return needed

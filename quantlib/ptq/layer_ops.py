@@ -1,0 +1,112 @@
+"""Run one weight layer with explicitly given weights on its cached data (for reconstruction passes).
+
+AdaRound and AdaQuant evaluate a layer many times with candidate weights that are not the layer's
+own. :func:`layer_forward` does that for Conv1d/Conv2d/ConvTranspose2d/Linear (and their quantized
+subclasses) without touching the module. :class:`ReconstructionBatches` draws random mini-batches
+of (input, float target) from a :class:`~quantlib.ptq.layer_cache.LayerData`; with ``crop`` set, a
+convolution sees a random ``crop x crop`` window of its output per mini-batch (and exactly the
+input window that produces it, zero padding included), an unbiased estimate of the full-map
+reconstruction loss at a fraction of the cost for layers with large feature maps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layer_cache import LayerData, take
+
+
+def layer_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  *, windowed: bool = False) -> torch.Tensor:
+    """``module``'s operation on ``x`` with ``weight``/``bias`` in place of its own parameters.
+
+    ``windowed`` runs a convolution without padding (``x`` is an already padded window, see
+    :class:`ReconstructionBatches`). Raises TypeError for other module types.
+    """
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, nn.ConvTranspose2d):
+        output_padding = module._output_padding(x, None, module.stride, module.padding, module.kernel_size, 2, module.dilation)
+        return F.conv_transpose2d(x, weight, bias, module.stride, module.padding, output_padding, module.groups, module.dilation)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if windowed:
+            conv = F.conv1d if isinstance(module, nn.Conv1d) else F.conv2d
+            return conv(x, weight, bias, module.stride, 0, module.dilation, module.groups)
+        return module._conv_forward(x, weight, bias)
+    raise TypeError(f"layer_forward supports Conv1d, Conv2d, ConvTranspose2d and Linear, not {type(module).__name__}")
+
+
+def can_window(module: nn.Module) -> bool:
+    """True when :class:`ReconstructionBatches` can crop the layer's output (zero-padded Conv1d/2d)."""
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+class ReconstructionBatches:
+    """Random mini-batches of one layer's cached (input, float target) pairs.
+
+    Each :meth:`sample` picks one cached chunk uniformly at random (``generator`` makes the
+    sequence reproducible). With ``crop`` and a zero-padded convolution whose output is larger
+    than ``crop`` in some spatial dimension, it returns a random output window of side ``crop``
+    and the padded input window that produces it; :meth:`forward` then runs the layer without
+    padding, giving exactly the corresponding window of the full output.
+    """
+
+    def __init__(self, data: LayerData, crop: int | None, generator: torch.Generator) -> None:
+        self.data = data
+        self.module = data.module
+        self.crop = crop
+        self.generator = generator
+        self.device = data.device()
+        view = data.target_view(0)
+        spatial = tuple(view.shape[2:]) if len(view.shape) > 2 else ()
+        self.windowed = bool(crop) and can_window(self.module) and any(size > crop for size in spatial)
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.generator))
+
+    def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of one random chunk, or of a random window of it."""
+        index = self._randint(self.data.num_chunks)
+        if not self.windowed:
+            return self.data.inputs(index), self.data.targets(index)
+        x_view, y_view = self.data.input_view(index), self.data.target_view(index)
+        module = self.module
+        in_slices, out_slices, pads = [], [], []
+        for dim, out_size in enumerate(y_view.shape[2:]):
+            size = min(self.crop, out_size)
+            start = self._randint(out_size - size + 1)
+            stride, pad, dilation, kernel = (module.stride[dim], module.padding[dim],
+                                             module.dilation[dim], module.kernel_size[dim])
+            first = start * stride - pad
+            last = (start + size - 1) * stride - pad + dilation * (kernel - 1) + 1  # exclusive
+            in_size = x_view.shape[2 + dim]
+            lo, hi = max(first, 0), min(last, in_size)
+            in_slices.append(slice(lo, hi))
+            out_slices.append(slice(start, start + size))
+            pads.append((lo - first, last - hi))
+        x = take(x_view, (slice(None), slice(None), *in_slices), self.device)
+        y = take(y_view, (slice(None), slice(None), *out_slices), self.device)
+        flat_pad = [p for before_after in reversed(pads) for p in before_after]
+        if any(flat_pad):
+            x = F.pad(x, flat_pad)
+        return x, y
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output on a sampled input with the given weights."""
+        return layer_forward(self.module, x, weight, bias, windowed=self.windowed)
+
+
+@torch.no_grad()
+def reconstruction_mse(data: LayerData, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int = 1) -> float:
+    """Mean squared error between the layer's output with ``weight``/``bias`` and the float
+    targets, over the first ``chunks`` cached chunks (whole feature maps)."""
+    total, count = 0.0, 0
+    for index in range(min(chunks, data.num_chunks)):
+        out = layer_forward(data.module, data.inputs(index), weight, bias)
+        target = data.targets(index)
+        total += float((out - target).double().pow(2).sum())
+        count += target.numel()
+    return total / max(count, 1)

@@ -1,0 +1,126 @@
+"""Shared driver of the layer-wise reconstruction passes (AdaRound, AdaQuant).
+
+:func:`run_layerwise` selects the weight layers of a calibrated QuantSim, caches samples, builds
+the float reference (:func:`~quantlib.ptq.quantizer_groups.fp32_reference`) and streams the
+layers in graph order (:func:`~quantlib.ptq.layer_cache.stream_layers`), calling a per-layer
+function that optimizes and rewrites one layer. :class:`LayerwiseConfig` holds the settings every
+such pass shares; the passes' configs extend it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from ..quantsim import QuantSim
+from .layer_cache import CacheConfig, ChunkStore, LayerData, collect_samples, stream_layers
+from .pass_config import PassConfigError, check_choice, check_int
+from .quantizer_groups import fp32_reference, select
+
+INPUT_SOURCES = ("quantized", "fp32")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig:
+    """Settings shared by the layer-wise passes.
+
+    Attributes:
+        num_samples: samples cached per layer (the first ones the data yields).
+        batch_size: samples per cached chunk; each optimization step uses one random chunk.
+        crop: output window side for convolutions (a random window per step, see
+            :class:`~quantlib.ptq.layer_ops.ReconstructionBatches`); None uses whole feature maps.
+        max_cache_mb: memory budget of the activation cache in MiB (the rest spills to disk).
+        spill_dir: folder for spilled chunks; None uses the system temporary folder.
+        input_source: "quantized" (inputs from the quantized model as optimized so far, the AIMET
+            default) or "fp32" (inputs from the float model).
+        include, exclude: fnmatch globs over weight module names selecting the layers.
+        seed: seeds the mini-batch order.
+    """
+
+    num_samples: int = 256
+    batch_size: int = 32
+    crop: int | None = None
+    max_cache_mb: float = 1024.0
+    spill_dir: str | None = None
+    input_source: str = "quantized"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.crop is not None:
+            check_int("crop", self.crop, 1)
+        check_choice("input_source", self.input_source, INPUT_SOURCES)
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+                raise PassConfigError(f"{name}={value!r} must be a list of glob patterns over module names, e.g. ['*']")
+        self.cache_config()
+
+    def cache_config(self) -> CacheConfig:
+        """The :class:`CacheConfig` these settings describe."""
+        try:
+            return CacheConfig(num_samples=self.num_samples, batch_size=self.batch_size,
+                               max_resident_mb=self.max_cache_mb, spill_dir=self.spill_dir)
+        except PassConfigError as err:
+            raise PassConfigError(str(err).replace("max_resident_mb", "max_cache_mb")) from None
+
+
+@dataclass
+class LayerwiseStats:
+    """Totals of one layer-wise run."""
+
+    num_samples: int
+    seconds: float
+    peak_cache_mb: float
+    spilled_mb: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "seconds": round(self.seconds, 3),
+                "peak_cache_mb": round(self.peak_cache_mb, 1), "spilled_mb": round(self.spilled_mb, 1)}
+
+
+def selected_layers(sim: QuantSim, config: LayerwiseConfig, method: str) -> list[str]:
+    """Weight modules a pass will optimize: integer, enabled, calibrated, matching the globs."""
+    chosen = []
+    modules = sim.weight_modules()
+    for name in select(modules, config.include, config.exclude):
+        wq = modules[name].weight_quantizer
+        if not wq.spec.enabled or wq.spec.is_float:
+            continue
+        if not wq.has_encoding:
+            raise PassConfigError(f"weight quantizer {name}.weight has no encoding; run sim.calibrate(data) before {method}")
+        chosen.append(name)
+    return chosen
+
+
+def run_layerwise(sim: QuantSim, data: Iterable, config: LayerwiseConfig,
+                  layer_fn: Callable[[LayerData, torch.Generator], R], *, method: str,
+                  progress: bool = True) -> tuple[list[R], LayerwiseStats]:
+    """Call ``layer_fn(layer_data, generator)`` on every selected layer of ``sim``, in graph order.
+
+    ``layer_fn`` may rewrite the layer; later layers then see its new outputs. Returns the
+    per-layer results and the run's totals.
+    """
+    start = time.perf_counter()
+    names = selected_layers(sim, config, method)
+    sim.model.eval()
+    device = next(sim.model.parameters()).device
+    cache = config.cache_config()
+    samples = collect_samples(data, cache, device)
+    reference = fp32_reference(sim)
+    generator = torch.Generator().manual_seed(config.seed)
+    results: list[R] = []
+    with ChunkStore(int(cache.max_resident_mb * 2**20), cache.spill_dir) as store:
+        if names:
+            stream_layers(sim.model, reference, samples, names, lambda layer: results.append(layer_fn(layer, generator)),
+                          store, reference_inputs=config.input_source == "fp32", progress=progress, desc=method)
+        peak, spilled = store.peak_resident_bytes, store.spilled_bytes
+    stats = LayerwiseStats(num_samples=sum(s.shape[0] for s in samples), seconds=time.perf_counter() - start,
+                           peak_cache_mb=peak / 2**20, spilled_mb=spilled / 2**20)
+    return results, stats
