@@ -13,6 +13,7 @@ broadcasts a ``[groups]``-shaped parameter back onto the tensor's shape.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -170,6 +171,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     learnable = scale.requires_grad
     if spec.rounding == "half_even" and not learnable and x.dtype == torch.float32 and not exact:
         if spec.granularity == "per_tensor":
+            fast = _inference_qdq_per_tensor(x, scale, zero_point, qmin, qmax)
+            if fast is not None:
+                return fast
             return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qmin, qmax)
         if spec.granularity == "per_channel":
             return torch.fake_quantize_per_channel_affine(x, scale, zero_point, spec.axis % x.dim(), qmin, qmax)
@@ -178,6 +182,28 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     q = _RoundSTE.apply(x / s, spec.rounding, generator) + z
     q = torch.clamp(q, qmin, qmax)
     return (q - z) * s
+
+
+def _inference_qdq_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                              qmin: int, qmax: int) -> torch.Tensor | None:
+    """Per-tensor 8-bit QDQ through torch's int8 quantize/dequantize kernels, or None when it does not apply.
+
+    It applies when no gradient is needed and the grid is exactly uint8 [0, 255] or int8
+    [-128, 127]. The arithmetic is the fused fake-quantize kernel's (x * (1/scale), round half to
+    even, + zero point, saturate; tests check bit equality, ties included), but the fused kernel
+    also writes a gradient mask and is about 10x slower on a CPU, which made it most of the
+    simulation overhead. The quantized-tensor API is deprecated in torch, so its absence falls
+    back to the fused kernel and its warning is silenced here.
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return None
+    dtype = {(0, 255): torch.quint8, (-128, 127): torch.qint8}.get((qmin, qmax))
+    quantize = getattr(torch, "quantize_per_tensor", None)
+    if dtype is None or quantize is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+        return quantize(x, scale.reshape(()), zero_point.reshape(()), dtype).dequantize()
 
 
 def _float_passthrough(x: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -374,6 +374,23 @@ def test_per_channel_non_fused_path_matches_fused():
     assert torch.allclose(fused, generic, atol=1e-6)
 
 
+@pytest.mark.parametrize("signed,zero_point", [(False, 3), (False, 128), (True, 0)])
+@pytest.mark.parametrize("scale", [0.02, 0.0173, 1 / 3])
+def test_inference_per_tensor_path_is_bit_identical_to_the_fused_kernel(signed, zero_point, scale):
+    # without autograd, 8-bit per-tensor QDQ runs through torch's int8 kernels; ties and saturation
+    # must come out exactly as the fused fake-quantize kernel (and training) gives them
+    spec = QuantizerSpec(symmetric=signed, signed=signed)
+    k = torch.arange(-300, 300, dtype=torch.float32)
+    x = torch.cat([(k + 0.5) * scale, torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 4]).reshape(1, -1, 1, 1)
+    s, z = torch.tensor([scale]), torch.tensor([zero_point], dtype=torch.int32)
+    fused = torch.fake_quantize_per_tensor_affine(x, s, z, spec.quant_min, spec.quant_max)
+    with torch.no_grad():
+        fast = fake_quantize(x, s, z, spec)
+    assert torch.equal(fast, fused)
+    with_grad = fake_quantize(x.clone().requires_grad_(), s, z, spec)
+    assert with_grad.requires_grad and torch.equal(with_grad.detach(), fused)
+
+
 def test_per_block_groups_and_one_hand_checked_block():
     spec = QuantizerSpec(bitwidth=4, symmetric=True, signed=True, granularity="per_block", block_size=3)
     w = t([[0.7, -0.35, 0.1, 1.4, 0.2, -0.2],
