@@ -7,6 +7,7 @@ rounding decisions of values that land within float error of a rounding boundary
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -440,3 +441,20 @@ def test_vit_attention_matmuls_get_quantizers():
     softmaxes = [name for name, kind in sim.op_types.items() if kind == "Softmax"]
     assert len(softmaxes) == 12 and set(softmaxes) <= set(sim.activation_quantizers())
     assert not any(n.target is F.scaled_dot_product_attention for n in sim.model.graph.nodes)
+
+
+@pytest.mark.parametrize("config", ["per_tensor", "per_channel", "onnxruntime_cpu"])
+@pytest.mark.parametrize("cls", [ResBlockNet, DepthwiseNet])
+def test_integer_arithmetic_reproduces_ort_int8_kernels(config, cls, tmp_path):
+    # arithmetic=integer runs conv/linear with 8-bit grids as QLinearConv/QGemm do (integer
+    # accumulation, float32 requantization multiplier), so no output may differ by a step
+    sim = prepare(build(cls), (2, 3, 8, 8), dataclasses.replace(load_config(CONFIGS[config]), arithmetic="integer"))
+    assert sim.arithmetic == "integer"
+    with torch.no_grad():
+        ready = [name for name, m in sim.weight_modules().items() if m.integer_kernel_ready()]
+    assert len(ready) >= 2, ready
+    path = export(sim, tmp_path, "int", randn(2, 3, 8, 8, seed=1)).onnx
+    for seed in range(30, 36):
+        x = randn(8, 3, 8, 8, seed=seed) * 1.5
+        ref = simulate(sim, x)
+        assert np.abs(run_ort(path, x) - ref).max() <= tolerance(0.0, ref)

@@ -139,3 +139,11 @@ def test_ptq_steps_run_and_are_recorded_with_timings(monkeypatch, tmp_path):
     assert [s["name"] for s in record["ptq"]["steps"]] == ["bias_correction"]
     assert record["timings"]["ptq_bias_correction"] >= 0 and record["timings"]["calibrate"] > 0
     assert record["cost"]["macs"] > 0 and record["qat"] is None and record["compress"] is None
+
+
+def test_bad_quant_arithmetic_is_one_line_naming_the_setting(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["run", "digits_mlp/w8a8_per_channel", "quant.arithmetic=fixed", "hydra.run.dir=.", "evaluator.progress=false"])
+    err = capsys.readouterr().err
+    assert "quant.arithmetic='fixed'" in err and "integer" in err and "Traceback" not in err

@@ -21,6 +21,7 @@ the run that published them (``predictions_sha256`` in each metrics entry shows 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,9 +41,10 @@ from evaluators import (
     evaluate_classification,
     prediction_agreement,
 )
-from quantlib.config import load_config
+from quantlib.config import ARITHMETIC_MODES, load_config
 from quantlib.export import export
 from quantlib.cost import model_cost
+from quantlib.ptq.pipeline import parse_steps
 from zoo.builder import build_fp32_model, weights_sha256
 from zoo.card import ModelCard
 from zoo.hub import sha256_file
@@ -112,6 +114,11 @@ def quant_config(quant: dict[str, Any]):
     )
     if quant.get("modules"):
         config = config.with_module_rules(list(quant["modules"]))
+    arithmetic = quant.get("arithmetic")
+    if arithmetic is not None:
+        if arithmetic not in ARITHMETIC_MODES:
+            raise RunConfigError(f"quant.arithmetic={arithmetic!r} is not valid; use one of {', '.join(ARITHMETIC_MODES)} (or null)")
+        config = dataclasses.replace(config, arithmetic=arithmetic)
     return config
 
 
@@ -123,6 +130,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     PTQ, QAT and compression stages go to ``<results_dir>/runs/<run_id>/``.
     """
     resolved = resolve_config(cfg)
+    config, steps = quant_config(resolved["quant"]), resolved["ptq"]["steps"]
+    parse_steps(steps)  # a bad step list fails here, before any work, naming ptq.steps[i]
     torch.manual_seed(resolved["seed"])
     ev = resolved["evaluator"]
     source = resolved.get("checkpoint")
@@ -175,7 +184,6 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
                                                      device, ev["progress"])
         evaluate(TorchBackend(base, device), "compressed")
 
-    config, steps = quant_config(resolved["quant"]), resolved["ptq"]["steps"]
     if published is None:
         sim, ptq_report = calibrated_quantsim(base, example, config, steps, loader, score_fn=calibration_top1,
                                               plots_dir=record_dir, progress=ev["progress"])

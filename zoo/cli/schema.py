@@ -58,6 +58,8 @@ class QuantConf:
     activation_observer: str = "minmax"
     weight_observer: str = "minmax"
     modules: list[Any] = field(default_factory=list)  # per-module glob overrides (quantlib config syntax)
+    # null keeps quant.config's own; float: fast QDQ simulation; integer: mirror ONNX Runtime's int8 kernels
+    arithmetic: Optional[str] = None
 
 
 @dataclass
