@@ -17,6 +17,8 @@ differs from the integer kernel near ties; the integer path removes that differe
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,19 @@ from . import onnx_ops
 from .affine import container_dtype, expand_qparam, quantize
 from .quantizer import FakeQuantizer
 from .spec import QuantizerSpec
+
+
+class IntegerPlan(NamedTuple):
+    """What an integer kernel needs, computed once per weight/encoding version."""
+
+    weight_codes: torch.Tensor  # w_q - w_zp, float32
+    bias_codes: torch.Tensor | None  # int32 codes at x_scale * w_scale, float32
+    multiplier: torch.Tensor  # x_scale * w_scale / y_scale, float32, per output channel
+    in_scale: torch.Tensor
+    out_scale: torch.Tensor
+    lo: float  # output grid bounds minus the zero point
+    hi: float
+    output_on_grid: bool  # the clamps before the output quantizer keep grid values on the grid
 
 
 class QuantizedWeightMixin:
@@ -41,6 +56,8 @@ class QuantizedWeightMixin:
         self.weight_quantizer.exact = True  # cached, so the exact (ONNX) arithmetic is free
         self.input_quantizer_ref: tuple[FakeQuantizer] | None = None  # tuple: not a submodule
         self.output_quantizer_ref: tuple[FakeQuantizer] | None = None
+        # the clamping ops (ReLU, Clip, ...) between this layer and its output quantizer, as callables
+        self.output_clamps: tuple = ()
         self.integer_arithmetic = False
         self._integer_cache = None
         self._cache_key = None
@@ -148,7 +165,7 @@ class QuantizedWeightMixin:
         return self._integer_plan() is not None
 
     def _integer_plan(self):
-        """(weight codes, bias codes, multiplier, input scale, output scale, lo, hi) or None."""
+        """The :class:`IntegerPlan` (cached per weight, bias and encoding version), or None when the float path runs."""
         if not (self.integer_arithmetic and self.supports_integer_kernel) or self.training:
             return None
         if torch.is_grad_enabled() and self.weight.requires_grad:
@@ -188,12 +205,32 @@ class QuantizedWeightMixin:
         multiplier = (in_scale * wq.scale.reshape(-1)) / out_scale  # float32, as ORT computes it
         zero_point = float(outq.zero_point.reshape(()))
         lo, hi = outq.spec.quant_min - zero_point, outq.spec.quant_max - zero_point
-        return codes, bias_codes, self._channel_view(multiplier), in_scale, out_scale, lo, hi
+        return IntegerPlan(codes, bias_codes, self._channel_view(multiplier), in_scale, out_scale, lo, hi,
+                           self._clamps_keep_grid(out_scale, lo, hi))
+
+    def _clamps_keep_grid(self, out_scale: torch.Tensor, lo: float, hi: float) -> bool:
+        """True when the clamps before the output quantizer map every grid value onto the grid.
+
+        Clamps are monotone, so it is enough that each end of the grid maps to itself or to 0
+        (which is on the grid): then the output quantizer would return its input unchanged.
+        """
+        ends = torch.tensor([lo, hi], device=out_scale.device) * out_scale
+        clamped = ends.clone()  # a clamp may work in place (nn.ReLU(inplace=True))
+        for clamp in self.output_clamps:
+            clamped = clamp(clamped)
+        return bool(((clamped == ends) | (clamped == 0)).all())
+
+    def integer_output_on_grid(self) -> bool:
+        """True when forward runs as an integer kernel whose output, after the clamps in
+        ``output_clamps``, is already on the output quantizer's grid (so that quantizer may pass
+        it through)."""
+        plan = self._integer_plan()
+        return plan is not None and plan.output_on_grid
 
     def _integer_forward(self, x: torch.Tensor, plan) -> torch.Tensor:
-        codes, bias_codes, multiplier, in_scale, out_scale, lo, hi = plan
-        accumulator = self._accumulate(torch.round(x / in_scale), codes, bias_codes)
-        return torch.round(accumulator * multiplier).clamp_(lo, hi).mul_(out_scale)
+        # the accumulator is a fresh tensor, so requantization works in place on it
+        accumulator = self._accumulate(x.div(plan.in_scale).round_(), plan.weight_codes, plan.bias_codes)
+        return accumulator.mul_(plan.multiplier).round_().clamp_(plan.lo, plan.hi).mul_(plan.out_scale)
 
     def _channel_view(self, per_channel: torch.Tensor) -> torch.Tensor:
         """``per_channel`` shaped to broadcast over this layer's output channels."""

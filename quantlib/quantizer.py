@@ -40,6 +40,9 @@ class FakeQuantizer(nn.Module):
         self.calibrating = False
         self.exporting = False
         self.exact = False  # divide by the scale as ONNX does (see affine.fake_quantize)
+        # (layer,) whose integer kernel may already emit values on this grid (QuantSim links it);
+        # a tuple so that the layer is not registered as a submodule
+        self.on_grid_producer: tuple | None = None
         self.version = 0
 
     def extra_repr(self) -> str:
@@ -74,6 +77,8 @@ class FakeQuantizer(nn.Module):
             )
         if self.exporting:
             return self.export_forward(x)
+        if self.exact and self.on_grid_producer is not None and self.on_grid_producer[0].integer_output_on_grid():
+            return x  # already on this grid: quantizing again would return the same values
         return fake_quantize(x, self.scale, self.zero_point, self.spec, exact=self.exact)
 
     # -- encodings -----------------------------------------------------------------------------

@@ -46,6 +46,21 @@ def _default_forward(model: nn.Module, batch: Any, device: torch.device) -> Any:
     return model(inputs.to(device))
 
 
+def _clamp_callable(node: fx.Node, modules: dict[str, nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``node`` (a ReLU/Clip-like op whose first argument is the tensor) as a one-tensor callable,
+    or None when its other arguments are graph values rather than constants."""
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if any(isinstance(a, fx.Node) for a in (*rest, *kwargs.values())):
+        return None
+    if node.op == "call_module":
+        return modules[node.target]
+    if node.op == "call_function":
+        return lambda t: node.target(t, *rest, **kwargs)
+    if node.op == "call_method":
+        return lambda t: getattr(t, node.target)(*rest, **kwargs)
+    return None
+
+
 class QuantSim:
     """A quantization-simulated copy of a model.
 
@@ -188,14 +203,20 @@ class QuantSim:
                 source = source.args[0]
             if quantizer_at(source) is not None:
                 module.input_quantizer_ref = (quantizer_at(source),)
-            sink = node
+            sink, clamps = node, []
             while len(sink.users) == 1 and quantizer_at(next(iter(sink.users))) is None:
                 user = next(iter(sink.users))
                 if self.op_types.get(user.name) not in _CLAMPS_AND_DATA_MOVEMENT or user.args[0] is not sink:
                     break
+                if self.op_types.get(user.name) not in DATA_MOVEMENT_OPS:
+                    clamps.append(_clamp_callable(user, modules))
                 sink = user
             if len(sink.users) == 1 and quantizer_at(next(iter(sink.users))) is not None:
-                module.output_quantizer_ref = (quantizer_at(next(iter(sink.users))),)
+                output_quantizer = quantizer_at(next(iter(sink.users)))
+                module.output_quantizer_ref = (output_quantizer,)
+                if all(c is not None for c in clamps):
+                    module.output_clamps = tuple(clamps)
+                    output_quantizer.on_grid_producer = (module,)
 
     def set_arithmetic(self, arithmetic: str) -> None:
         """``"float"``: QDQ simulation (fused fake-quant kernels). ``"integer"``: layers with

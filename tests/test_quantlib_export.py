@@ -452,7 +452,10 @@ def test_integer_arithmetic_reproduces_ort_int8_kernels(config, cls, tmp_path):
     assert sim.arithmetic == "integer"
     with torch.no_grad():
         ready = [name for name, m in sim.weight_modules().items() if m.integer_kernel_ready()]
-    assert len(ready) >= 2, ready
+        # a quantizer right after an integer kernel (through ReLU) receives on-grid values and passes them on
+        passed_through = [name for name, q in sim.activation_quantizers().items()
+                          if q.on_grid_producer is not None and q.on_grid_producer[0].integer_output_on_grid()]
+    assert len(ready) >= 2 and passed_through, (ready, passed_through)
     path = export(sim, tmp_path, "int", randn(2, 3, 8, 8, seed=1)).onnx
     for seed in range(30, 36):
         x = randn(8, 3, 8, 8, seed=seed) * 1.5
