@@ -19,11 +19,11 @@ from typing import Iterator
 
 import onnx
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
 from . import onnx_ops
 from .checkpoint import quantized_state_dict
-from .io import atomic_output
+from .io import atomic_output, atomic_write_bytes, canonical_safetensors
 from .quantsim import QuantSim
 
 ONNX_OPSET = 21
@@ -96,8 +96,8 @@ def export(sim: QuantSim, directory: str | Path, prefix: str, example_input: tor
     encodings_path = sim.save_encodings(directory / f"{prefix}.encodings.json")
     weights_path = directory / f"{prefix}.safetensors"
     tensors, metadata = quantized_state_dict(sim)
-    with atomic_output(weights_path) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    data = safetensors_save({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(weights_path, canonical_safetensors(data))
     return ExportedArtifacts(onnx=onnx_path, encodings=encodings_path, weights=weights_path)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Subcommands that live in their own module `zoo.cli.<name>`; each module defines
 # `register(subparsers)`, which adds its parser and sets `func` to a callable(args) -> int.
-PLUGIN_COMMANDS: tuple[str, ...] = ("table", "sweep")
+PLUGIN_COMMANDS: tuple[str, ...] = ("table", "sweep", "reproduce", "bench")
 
 
 def _recipes() -> dict[str, list[str]]:
