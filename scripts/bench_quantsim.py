@@ -1,7 +1,7 @@
 """Speed of the simulation against FP32, and of ONNX Runtime int8 against FP32, in one run.
 
 Prints, for one zoo model on its calibration images (default: efficientnet_lite0, 250 images):
-  - simulated eval time / FP32 eval time        (target <= 1.25)
+  - simulated eval time / FP32 eval time        (target <= 1.25), for float and integer arithmetic
   - minmax calibration time / FP32 eval time    (target <= 1.25), over the same samples
   - ONNX Runtime FP32 and int8 (QDQ) batch-1 latency, and their ratio
 Both sides of each ratio are measured in this process, interleaved, median of --repeats.
@@ -12,6 +12,8 @@ Both sides of each ratio are measured in this process, interleaved, median of --
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import statistics
 import tempfile
 import time
@@ -22,6 +24,7 @@ import onnxruntime as ort
 import torch
 
 from evaluators import build_dataset
+from quantlib.config import load_config
 from quantlib.export import export
 from quantlib.quantsim import QuantSim
 from zoo.builder import build_fp32_model
@@ -49,7 +52,9 @@ def main() -> None:
     data = build_dataset(card.dataset, "calibration", root=None, preprocessing=_preprocessing(card), num_samples=args.samples)
     batches = [x for x, _ in torch.utils.data.DataLoader(data, batch_size=args.batch_size)]
     fp32 = build_fp32_model(card)
-    sim = QuantSim(fp32, batches[0][:1], args.config)
+    config = load_config(args.config)
+    sim = QuantSim(fp32, batches[0][:1], dataclasses.replace(config, arithmetic="float"))
+    integer_sim = QuantSim(fp32, batches[0][:1], dataclasses.replace(config, arithmetic="integer"))
 
     def run(model):
         with torch.inference_mode():
@@ -57,17 +62,22 @@ def main() -> None:
                 model(x)
 
     sim.calibrate(batches[:1], progress=False)  # warm-up, and encodings for the timed eval
+    integer_sim.calibrate(batches[:1], progress=False)
     run(fp32)
     run(sim.model)
-    fp32_t, sim_t, cal_t = [], [], []
+    run(integer_sim.model)
+    fp32_t, sim_t, int_t, cal_t = [], [], [], []
     for _ in range(args.repeats):
         fp32_t.append(_timed(lambda: run(fp32)))
         sim_t.append(_timed(lambda: run(sim.model)))
+        int_t.append(_timed(lambda: run(integer_sim.model)))
         cal_t.append(_timed(lambda: sim.calibrate(batches, progress=False)))
-    fp32_m, sim_m, cal_m = (statistics.median(v) for v in (fp32_t, sim_t, cal_t))
-    print(f"model={args.model} config={args.config} samples={len(data)} threads={torch.get_num_threads()}")
+    fp32_m, sim_m, int_m, cal_m = (statistics.median(v) for v in (fp32_t, sim_t, int_t, cal_t))
+    print(f"model={args.model} config={args.config} samples={len(data)} threads={torch.get_num_threads()} "
+          f"load_avg_1m={os.getloadavg()[0]:.2f}")
     print(f"torch fp32 eval        {fp32_m:8.2f} s  (min {min(fp32_t):.2f}, max {max(fp32_t):.2f})")
-    print(f"torch quantsim eval    {sim_m:8.2f} s  ratio {sim_m / fp32_m:.2f}x FP32 (target <= 1.25)")
+    print(f"torch quantsim eval    {sim_m:8.2f} s  ratio {sim_m / fp32_m:.2f}x FP32 (target <= 1.25; arithmetic=float)")
+    print(f"torch quantsim eval    {int_m:8.2f} s  ratio {int_m / fp32_m:.2f}x FP32 (arithmetic=integer, ORT's int8 kernels)")
     print(f"minmax calibration     {cal_m:8.2f} s  ratio {cal_m / fp32_m:.2f}x FP32 (target <= 1.25)")
 
     with tempfile.TemporaryDirectory() as tmp:
