@@ -20,6 +20,10 @@ model as optimized so far, or float with ``input_source="fp32"``) and float targ
 * the optimized weight and bias are written into the layer and the weight encoding is frozen
   (:mod:`quantlib.ptq.weight_freeze`), so a later calibration keeps the scale the weights were
   optimized for.
+
+Pipeline step ``adaquant`` (phase "sim"): :class:`AdaQuantStepConfig` (the settings above plus
+``recalibrate``) runs :func:`apply_adaquant` on ``context.sim``, then recomputes the activation
+encodings for the new weights and biases.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from ..affine import expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
 from .layer_ops import ReconstructionBatches, reconstruction_mse
-from .layerwise import LayerwiseConfig, LayerwiseStats, run_layerwise
+from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise
 from .pass_config import check_int, check_positive, config_from_mapping
+from .registry import PTQContext, PTQStep
 from .weight_freeze import freeze_weight_encoding
 
 
@@ -93,6 +98,16 @@ class AdaQuantResult:
         return {"method": "adaquant", "config": asdict(self.config), **self.stats.to_dict(),
                 "layers": [asdict(layer) for layer in self.layers]}
 
+    def summary(self) -> dict[str, Any]:
+        """Compact JSON-able summary for a run record: totals and per-layer MSE before/after."""
+        return {**self.stats.to_dict(), "layers": len(self.layers),
+                "layers_improved": sum(layer.mse_after < layer.mse_before for layer in self.layers),
+                "mse_before_sum": sum(layer.mse_before for layer in self.layers),
+                "mse_after_sum": sum(layer.mse_after for layer in self.layers),
+                "per_layer": [{"name": layer.name, "bitwidth": layer.bitwidth, "mse_before": layer.mse_before,
+                               "mse_after": layer.mse_after, "codes_changed": round(layer.codes_changed, 5),
+                               "seconds": round(layer.seconds, 2)} for layer in self.layers]}
+
 
 def apply_adaquant(sim: QuantSim, data: Iterable, config: AdaQuantConfig | Mapping[str, Any] | None = None,
                    *, progress: bool = True) -> AdaQuantResult:
@@ -118,16 +133,18 @@ def adaquant_layer(layer: LayerData, config: AdaQuantConfig, generator: torch.Ge
     steps = torch.nn.Parameter(weight / scale)
     bias = torch.nn.Parameter(bias0.clone()) if bias0 is not None and config.optimize_bias else None
 
+    activation = loss_activation(layer, config)
+
     def check() -> float:
         with torch.no_grad():
-            return reconstruction_mse(layer, wq(steps * scale), bias if bias is not None else bias0)
+            return reconstruction_mse(layer, wq(steps * scale), bias if bias is not None else bias0, activation=activation)
 
     mse_before = best_mse = check()
     best = (steps.detach().clone(), bias.detach().clone() if bias is not None else bias0)
     groups = [{"params": [steps], "lr": config.learning_rate}]
     if bias is not None:
         groups.append({"params": [bias], "lr": config.bias_learning_rate})
-    batches = ReconstructionBatches(layer, config.crop, generator)
+    batches = ReconstructionBatches(layer, config.crop, generator, activation)
     total = config.num_iterations
     with torch.inference_mode(False), torch.enable_grad():
         optimizer = torch.optim.Adam(groups)
@@ -160,3 +177,29 @@ def adaquant_layer(layer: LayerData, config: AdaQuantConfig, generator: torch.Ge
 
 def _codes(quantizer, weight: torch.Tensor) -> torch.Tensor:
     return quantize(weight, quantizer.scale, quantizer.zero_point, quantizer.spec)
+
+
+@dataclass(frozen=True)
+class AdaQuantStepConfig(AdaQuantConfig):
+    """Settings of the ``adaquant`` pipeline step: those of :class:`AdaQuantConfig` plus
+
+    Attributes:
+        recalibrate: recompute the activation encodings afterwards (weight encodings stay frozen).
+    """
+
+    recalibrate: bool = True
+
+
+def _run_adaquant(context: PTQContext, config: AdaQuantStepConfig) -> dict[str, Any]:
+    sim = context.require_sim("adaquant")
+    result = apply_adaquant(sim, context.calibration_data, config, progress=context.progress)
+    if config.recalibrate:
+        sim.calibrate(context.calibration_data, forward_fn=context.forward_fn, progress=context.progress,
+                      desc="recalibrate")
+    return {**result.summary(), "recalibrated": config.recalibrate}
+
+
+STEPS = (
+    PTQStep(name="adaquant", config_cls=AdaQuantStepConfig, run=_run_adaquant, phase="sim",
+            description="optimize each layer's quantized weights and bias against its float output (Hubara et al. 2021)"),
+)

@@ -9,8 +9,10 @@ For each weight layer of a calibrated :class:`~quantlib.quantsim.QuantSim`, in g
 * with the encoding fixed, each weight is ``s * (clamp(floor(w/s) + h(V) + z, qmin, qmax) - z)``
   with ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` (zeta 1.1, gamma -0.1), and
   ``V`` starts where ``h(V)`` equals the fractional part of ``w/s`` (the float weight);
-* Adam minimizes ``||W_soft x - W x_fp||^2`` (summed over output channels, averaged over samples
-  and positions) ``+ reg_weight * sum(1 - |2 h(V) - 1|^beta)``; the regularizer is off for the
+* Adam minimizes ``||f(W_soft x) - f(W x_fp)||^2`` (summed over output channels, averaged over
+  samples and positions; ``f`` is the ReLU/ReLU6 that follows the layer, as in the paper's
+  section 4, or the identity with ``through_activation=False`` or no such activation)
+  ``+ reg_weight * sum(1 - |2 h(V) - 1|^beta)``; the regularizer is off for the
   first ``warm_start`` fraction of the iterations, then ``beta`` anneals from ``beta_start`` to
   ``beta_end`` (cosine as in AIMET, or linear);
 * the codes ``clamp(floor(w/s) + [V >= 0] + z, qmin, qmax)`` are written into the layer as grid
@@ -21,6 +23,11 @@ For each weight layer of a calibrated :class:`~quantlib.quantsim.QuantSim`, in g
 Memory: activations are cached layer by layer for ``num_samples`` samples by
 :mod:`quantlib.ptq.layer_cache`: at most ``max_cache_mb`` MiB stay in memory and the rest is
 spilled to disk (see that module for the bound).
+
+Pipeline step ``adaround`` (phase "sim"): :class:`AdaRoundStepConfig` (the settings above plus
+``recalibrate``) runs :func:`apply_adaround` on ``context.sim`` with the calibration data, then
+recomputes the activation encodings (AIMET's flow: AdaRound the weights, freeze their encodings,
+then compute the activation encodings with the new weights).
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ from ..affine import dequantize, expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
 from .layer_ops import ReconstructionBatches, reconstruction_mse
-from .layerwise import LayerwiseConfig, LayerwiseStats, run_layerwise
+from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise
 from .pass_config import PassConfigError, check_choice, check_int, check_positive, config_from_mapping
+from .registry import PTQContext, PTQStep
 from .weight_freeze import write_weight_codes
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Louizos et al. 2018), as in the paper
@@ -57,6 +65,14 @@ class AdaRoundConfig(LayerwiseConfig):
         beta_schedule: cosine (AIMET) or linear (the paper's reference code).
         learning_rate: Adam learning rate for V (1e-3).
         history_points: how many (iteration, beta, losses) records to keep per layer.
+        keep_nearest_if_worse: when the AdaRounded layer's output MSE on the first cached chunk
+            (whole feature maps) is above round-to-nearest's, keep round-to-nearest for that layer
+            (the soft rounding may not have converged in a short schedule).
+
+    The AIMET defaults suit 10,000 iterations. For short CPU schedules a larger step and
+    regularizer converge ``h(V)`` to 0/1 in time: on EfficientNet-Lite0 W4A8, 500 iterations with
+    ``learning_rate=0.01, reg_weight=0.1`` lowered the output MSE of all of its first six layers
+    against nearest rounding, where the defaults left two of them worse.
     """
 
     num_iterations: int = 10000
@@ -67,6 +83,7 @@ class AdaRoundConfig(LayerwiseConfig):
     beta_schedule: str = "cosine"
     learning_rate: float = 1e-3
     history_points: int = 20
+    keep_nearest_if_worse: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,7 +127,8 @@ class AdaRoundLayerResult:
 
     ``mse_nearest`` / ``mse_adaround``: layer output MSE against the float targets on the first
     cached chunk (whole feature maps) with round-to-nearest and with the AdaRounded weights;
-    ``flipped``: fraction of codes that differ from round-to-nearest.
+    ``flipped``: fraction of codes that differ from round-to-nearest (0 when ``kept_nearest``);
+    ``kept_nearest``: AdaRound was worse on that chunk and round-to-nearest was kept.
     """
 
     name: str
@@ -121,6 +139,7 @@ class AdaRoundLayerResult:
     mse_adaround: float
     flipped: float
     seconds: float
+    kept_nearest: bool = False
     history: list[dict[str, float | None]] = field(default_factory=list)
 
 
@@ -135,6 +154,17 @@ class AdaRoundResult:
     def to_dict(self) -> dict[str, Any]:
         return {"method": "adaround", "config": asdict(self.config), **self.stats.to_dict(),
                 "layers": [asdict(layer) for layer in self.layers]}
+
+    def summary(self) -> dict[str, Any]:
+        """Compact JSON-able summary for a run record: totals and per-layer MSE (no loss history)."""
+        improved = sum(layer.mse_adaround < layer.mse_nearest for layer in self.layers)
+        return {**self.stats.to_dict(), "layers": len(self.layers), "layers_improved": improved,
+                "layers_kept_nearest": sum(layer.kept_nearest for layer in self.layers),
+                "mse_nearest_sum": sum(layer.mse_nearest for layer in self.layers),
+                "mse_adaround_sum": sum(layer.mse_adaround for layer in self.layers),
+                "per_layer": [{"name": layer.name, "bitwidth": layer.bitwidth, "mse_nearest": layer.mse_nearest,
+                               "mse_adaround": layer.mse_adaround, "flipped": round(layer.flipped, 5),
+                               "seconds": round(layer.seconds, 2)} for layer in self.layers]}
 
 
 def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mapping[str, Any] | None = None,
@@ -168,9 +198,11 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
     zero_point = expand_qparam(wq.zero_point, weight.shape, spec).float()
     scaled = weight / scale
     floor = torch.floor(scaled)
+    shifted_floor = floor + zero_point  # loop invariant: the grid code below each weight
     nearest = quantize(weight, wq.scale, wq.zero_point, spec)
     v = torch.nn.Parameter(inverse_rectified_sigmoid((scaled - floor).clamp(0.0, 1.0)))
-    batches = ReconstructionBatches(layer, config.crop, generator)
+    activation = loss_activation(layer, config)
+    batches = ReconstructionBatches(layer, config.crop, generator, activation)
     history: list[dict[str, float | None]] = []
     log_at = _log_iterations(config.num_iterations, config.history_points)
     with torch.inference_mode(False), torch.enable_grad():
@@ -178,7 +210,7 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
         for iteration in range(config.num_iterations):
             x, target = batches.sample()
             h = rectified_sigmoid(v)
-            soft = (torch.clamp(floor + h + zero_point, spec.quant_min, spec.quant_max) - zero_point) * scale
+            soft = (torch.clamp(shifted_floor + h, spec.quant_min, spec.quant_max) - zero_point) * scale
             out = batches.forward(x, soft, bias)
             recon = (out - target).pow(2).sum(1).mean()
             beta = beta_at(config, iteration)
@@ -193,14 +225,20 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
             if iteration in log_at:
                 history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()), "reg": float(reg.detach())})
     with torch.no_grad():
-        codes = torch.clamp(floor + (v >= 0).float() + zero_point, spec.quant_min, spec.quant_max).to(torch.int32)
-        mse_nearest = reconstruction_mse(layer, dequantize(nearest, wq.scale, wq.zero_point, spec), bias)
-        mse_adaround = reconstruction_mse(layer, dequantize(codes, wq.scale, wq.zero_point, spec), bias)
+        codes = torch.clamp(shifted_floor + (v >= 0).float(), spec.quant_min, spec.quant_max).to(torch.int32)
+        mse_nearest = reconstruction_mse(layer, dequantize(nearest, wq.scale, wq.zero_point, spec), bias,
+                                         activation=activation)
+        mse_adaround = reconstruction_mse(layer, dequantize(codes, wq.scale, wq.zero_point, spec), bias,
+                                          activation=activation)
+        kept_nearest = config.keep_nearest_if_worse and mse_adaround > mse_nearest
+        if kept_nearest:
+            codes, mse_adaround = nearest, mse_nearest
         flipped = float((codes != nearest).float().mean())
     write_weight_codes(module, codes, "adaround")
     return AdaRoundLayerResult(name=layer.name, bitwidth=spec.bitwidth, num_weights=weight.numel(),
                                iterations=config.num_iterations, mse_nearest=mse_nearest, mse_adaround=mse_adaround,
-                               flipped=flipped, seconds=time.perf_counter() - start, history=history)
+                               flipped=flipped, seconds=time.perf_counter() - start, kept_nearest=kept_nearest,
+                               history=history)
 
 
 def _log_iterations(num_iterations: int, points: int) -> set[int]:
@@ -209,3 +247,29 @@ def _log_iterations(num_iterations: int, points: int) -> set[int]:
     if points == 1:
         return {num_iterations - 1}
     return {round(i * (num_iterations - 1) / (points - 1)) for i in range(points)}
+
+
+@dataclass(frozen=True)
+class AdaRoundStepConfig(AdaRoundConfig):
+    """Settings of the ``adaround`` pipeline step: those of :class:`AdaRoundConfig` plus
+
+    Attributes:
+        recalibrate: recompute the activation encodings after AdaRound (weights stay frozen).
+    """
+
+    recalibrate: bool = True
+
+
+def _run_adaround(context: PTQContext, config: AdaRoundStepConfig) -> dict[str, Any]:
+    sim = context.require_sim("adaround")
+    result = apply_adaround(sim, context.calibration_data, config, progress=context.progress)
+    if config.recalibrate:
+        sim.calibrate(context.calibration_data, forward_fn=context.forward_fn, progress=context.progress,
+                      desc="recalibrate")
+    return {**result.summary(), "recalibrated": config.recalibrate}
+
+
+STEPS = (
+    PTQStep(name="adaround", config_cls=AdaRoundStepConfig, run=_run_adaround, phase="sim",
+            description="learn each weight's rounding layer by layer (Nagel et al. 2020)"),
+)

@@ -69,27 +69,32 @@ def _Phi(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """``E[clip(z, low, high)]`` for ``z ~ N(mean, std^2)`` per channel (low/high may be infinite).
+def _bound_tensor(bound: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(bound, torch.Tensor):
+        return bound.detach().to(like).reshape(-1).expand_as(like)
+    return torch.full_like(like, float(bound))
 
-    E = low*Phi(a) + mean*(Phi(b) - Phi(a)) + std*(phi(a) - phi(b)) + high*(1 - Phi(b)), with
-    a = (low - mean)/std and b = (high - mean)/std; a zero std gives clip(mean).
+
+def clipped_normal_mean(mean: torch.Tensor, std: torch.Tensor, low: float | torch.Tensor,
+                        high: float | torch.Tensor) -> torch.Tensor:
+    """``E[clip(z, low, high)]`` for ``z ~ N(mean, std^2)`` per channel.
+
+    ``low``/``high`` are floats or per-channel 1-D tensors and may be infinite. With
+    a = (low - mean)/std and b = (high - mean)/std:
+    E = low*Phi(a) + mean*(Phi(b) - Phi(a)) + std*(phi(a) - phi(b)) + high*(1 - Phi(b)),
+    where an infinite bound's terms vanish; a zero std gives clip(mean).
     """
     mean, std = mean.double(), std.double()
+    low_t, high_t = _bound_tensor(low, mean), _bound_tensor(high, mean)
     safe = torch.where(std > 0, std, torch.ones_like(std))
-    a_term = torch.zeros_like(mean)
-    b_term = torch.zeros_like(mean)
-    cdf_a, cdf_b = torch.zeros_like(mean), torch.ones_like(mean)
-    if math.isfinite(low):
-        a = (low - mean) / safe
-        cdf_a = _Phi(a)
-        a_term = low * cdf_a + safe * _phi(a)
-    if math.isfinite(high):
-        b = (high - mean) / safe
-        cdf_b = _Phi(b)
-        b_term = high * (1.0 - cdf_b) - safe * _phi(b)
-    result = a_term + mean * (cdf_b - cdf_a) + b_term
-    degenerate = mean.clamp(min=low, max=high)
+    zeros, ones = torch.zeros_like(mean), torch.ones_like(mean)
+    has_low, has_high = torch.isfinite(low_t), torch.isfinite(high_t)
+    low_f, high_f = torch.where(has_low, low_t, zeros), torch.where(has_high, high_t, zeros)
+    a, b = (low_f - mean) / safe, (high_f - mean) / safe
+    cdf_a, pdf_a = torch.where(has_low, _Phi(a), zeros), torch.where(has_low, _phi(a), zeros)
+    cdf_b, pdf_b = torch.where(has_high, _Phi(b), ones), torch.where(has_high, _phi(b), zeros)
+    result = low_f * cdf_a + mean * (cdf_b - cdf_a) + safe * (pdf_a - pdf_b) + high_f * (1.0 - cdf_b)
+    degenerate = torch.minimum(torch.maximum(mean, low_t), high_t)
     return torch.where(std > 0, result, degenerate).float()
 
 

@@ -60,6 +60,19 @@ def in_channel_response(weight: torch.Tensor, groups: int, per_channel: torch.Te
     return torch.einsum("goi,gi->go", grouped, values).reshape(-1)
 
 
+def pair_precision(first_ranges: torch.Tensor, second_ranges: torch.Tensor) -> float:
+    """DFQ's objective for a layer pair, ``mean_i p1_i * p2_i`` with ``p = range_i / max range`` (section 4.1).
+
+    ``first_ranges`` are the output-channel ranges of the first layer, ``second_ranges`` the
+    input-channel ranges of the second. CLE's scales maximize it; 1.0 means every channel of
+    both layers uses the whole per-tensor grid.
+    """
+    top1, top2 = float(first_ranges.max()), float(second_ranges.max())
+    if top1 <= 0 or top2 <= 0:
+        return 0.0
+    return float((first_ranges / top1 * second_ranges / top2).mean())
+
+
 def precision(ranges: torch.Tensor) -> float:
     """Mean per-channel range relative to the largest one, in [0, 1] (DFQ, section 4.1).
 

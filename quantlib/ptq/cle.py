@@ -9,10 +9,21 @@ output channel ``i`` of ``W1`` and ``r2_i`` that of input channel ``i`` of ``W2`
 per-tensor quantization precision of the pair. Chains (conv -> depthwise -> pointwise) are
 equalized pair by pair, repeatedly, until the scales converge.
 
-ReLU6 (MobileNetV2, EfficientNet-Lite) is not positive homogeneous, so a pair joined by ReLU6 is
-skipped unless ``relu6_to_relu`` is set, which replaces exactly those ReLU6 with ReLU (what Vitis
-AI's optimizer does). The default is ``False``: CLE then never changes the FP32 function, and a
-recipe that accepts the (usually small) change from unclipped activations says so explicitly.
+A clip activation -- ReLU6 (MobileNetV2, EfficientNet-Lite), Hardtanh, clamp -- is not positive
+homogeneous, so ``relu6`` says what to do with the pairs it joins:
+
+* ``"per_channel_clip"`` (default): equalize them and rescale the clip's bounds per channel,
+  ``clip(x / s, lo / s, hi / s) == clip(x, lo, hi) / s``; the ReLU6 becomes a
+  ``torch.clamp(x, low, high)`` with per-channel tensor bounds. Exact: the FP32 function does not
+  change. QuantSim fuses it with the conv like any clip (one activation quantizer after it).
+  It exports as ONNX ``Max``/``Min`` with per-channel constants, which ONNX Runtime cannot fold
+  into ``QLinearConv``: those convs run as float ``Conv`` between DequantizeLinear and
+  QuantizeLinear (the same fake-quant numerics, not integer kernels; on EfficientNet-Lite0 32 of
+  49 convs).
+* ``"relu"``: replace exactly those ReLU6 with ReLU (what Vitis AI's optimizer and AIMET do).
+  Changes the FP32 function wherever a pre-activation exceeds 6; on EfficientNet-Lite0 that
+  costs tens of points of FP32 top-1, on models trained with ReLU6 rarely saturating it is cheap.
+* ``"skip"``: leave those pairs alone.
 
 Pairs come from the fx graph (:mod:`quantlib.ptq.layer_pairs`); BatchNorm must be folded first
 (the pipeline's ``cle`` step folds it).
@@ -23,7 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,26 +45,32 @@ from . import channels
 from .layer_pairs import RELU, LayerPair, chains_of, find_layer_pairs, module_call_counts
 from .registry import PTQConfigError, PTQContext, PTQStep
 
+RELU6_MODES = ("per_channel_clip", "relu", "skip")
+
 
 @dataclass(frozen=True)
 class CLEConfig:
     """Settings of cross-layer equalization.
 
     Attributes:
-        relu6_to_relu: replace the ReLU6 between equalizable layers with ReLU (changes the FP32
-            function where activations exceed 6); False skips those pairs.
+        relu6: pairs joined by ReLU6 or another clip: ``per_channel_clip`` equalizes them and
+            rescales the clip bounds per channel (exact), ``relu`` converts those ReLU6 to ReLU
+            (changes the FP32 function where activations exceed 6; other clips are skipped),
+            ``skip`` leaves them alone.
         max_iterations: sweeps over each chain at most.
         tolerance: stop a chain when every scale of a sweep is within ``exp(+-tolerance)`` of 1.
         max_plots: with a plots directory, plot the per-channel weight ranges of this many
             layers (those with the worst range balance before CLE).
     """
 
-    relu6_to_relu: bool = False
+    relu6: Literal["per_channel_clip", "relu", "skip"] = "per_channel_clip"
     max_iterations: int = 100
     tolerance: float = 1e-3
     max_plots: int = 3
 
     def __post_init__(self) -> None:
+        if self.relu6 not in RELU6_MODES:
+            raise PTQConfigError(f"relu6={self.relu6!r} is not supported; use one of {', '.join(RELU6_MODES)}")
         if self.max_iterations < 1:
             raise PTQConfigError(f"max_iterations={self.max_iterations} must be at least 1")
         if not self.tolerance > 0:
@@ -70,20 +87,22 @@ class CLEResult:
         pairs: the equalized pairs, forward order.
         chains: the equalized chains as layer names.
         converted_relu6: fx node names of the ReLU6 replaced by ReLU.
-        skipped_relu6: pairs left alone because they are joined by ReLU6.
+        rescaled_clips: fx node names of the clips whose bounds were rescaled per channel.
+        skipped_relu6: pairs left alone because they are joined by ReLU6 or another clip.
         depthwise_pairs: equalized pairs with a depthwise conv on either side.
         iterations: the most sweeps any chain needed.
         unconverged_chains: chains still changing by more than ``tolerance`` after ``max_iterations``.
         scales: ``{layer: s}``: output channel ``i`` of ``layer`` was divided by ``s[i]`` in total.
-        precision_before / precision_after: mean DFQ precision (:func:`channels.precision`) of
-            the scaled dimension of every equalized layer (output channels of the first layer of
-            each pair, input channels of the second).
+        precision_before / precision_after: DFQ's objective (:func:`channels.pair_precision`)
+            averaged over the equalized pairs; CLE raises it (1.0: every channel uses the whole
+            per-tensor grid).
         channel_ranges_before / channel_ranges_after: ``{layer: (min, max)}`` per output channel.
     """
 
     pairs: list[LayerPair] = field(default_factory=list)
     chains: list[list[str]] = field(default_factory=list)
     converted_relu6: list[str] = field(default_factory=list)
+    rescaled_clips: list[str] = field(default_factory=list)
     skipped_relu6: int = 0
     depthwise_pairs: int = 0
     iterations: int = 0
@@ -101,7 +120,8 @@ class CLEResult:
             "chains": len(self.chains),
             "depthwise_pairs": self.depthwise_pairs,
             "converted_relu6": len(self.converted_relu6),
-            "skipped_relu6_pairs": self.skipped_relu6,
+            "rescaled_clips": len(self.rescaled_clips),
+            "skipped_clip_pairs": self.skipped_relu6,
             "iterations": self.iterations,
             "unconverged_chains": self.unconverged_chains,
             "precision_before": round(self.precision_before, 4),
@@ -141,9 +161,9 @@ def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and module.groups == module.in_channels
 
 
-def _pair_precision(first: nn.Module, second: nn.Module) -> list[float]:
-    return [channels.precision(channels.out_channel_absmax(first.weight)),
-            channels.precision(channels.in_channel_absmax(second.weight, _groups(second)))]
+def _pair_precision(first: nn.Module, second: nn.Module) -> float:
+    return channels.pair_precision(channels.out_channel_absmax(first.weight),
+                                   channels.in_channel_absmax(second.weight, _groups(second)))
 
 
 def convert_relu6_to_relu(gm: fx.GraphModule, node_names: list[str]) -> list[str]:
@@ -171,28 +191,97 @@ def convert_relu6_to_relu(gm: fx.GraphModule, node_names: list[str]) -> list[str
     return changed
 
 
+CLIP_BOUNDS_MODULE = "cle_clip_bounds"
+
+
+def channel_view(layer: nn.Module, channels_: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-output-channel vector over ``layer``'s output."""
+    return (channels_,) if isinstance(layer, nn.Linear) else (channels_,) + (1,) * (layer.weight.dim() - 2)
+
+
+def _per_channel(bound: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(bound, torch.Tensor):
+        return bound.detach().to(like).reshape(-1).clone()
+    return torch.full_like(like, float(bound))
+
+
+@torch.no_grad()
+def set_channel_clip(gm: fx.GraphModule, node_name: str, low: torch.Tensor, high: torch.Tensor,
+                     shape: tuple[int, ...]) -> None:
+    """Make node ``node_name`` compute ``torch.clamp(x, low, high)`` with per-channel tensor bounds.
+
+    ``low``/``high`` (1-D, one value per channel) are stored as buffers of the submodule
+    ``cle_clip_bounds`` of ``gm``, viewed as ``shape`` (channels first, ones for the spatial
+    axes). A node that already is such a clamp gets its buffers replaced; any other clip node
+    (ReLU6 module, ``F.relu6``, ``hardtanh``, scalar ``clamp``) is rewritten in place, and a clip
+    module no other node calls is deleted. Mutates ``gm`` (call ``gm.recompile()`` afterwards).
+    """
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    if not hasattr(gm, CLIP_BOUNDS_MODULE):
+        gm.add_module(CLIP_BOUNDS_MODULE, nn.Module())
+    holder = getattr(gm, CLIP_BOUNDS_MODULE)
+    key = _safe_filename(node.name).replace(".", "_")
+    holder.register_buffer(f"{key}_low", low.reshape(shape).clone())
+    holder.register_buffer(f"{key}_high", high.reshape(shape).clone())
+    already = node.target is torch.clamp and all(
+        isinstance(a, fx.Node) and a.op == "get_attr" and str(a.target).startswith(f"{CLIP_BOUNDS_MODULE}.")
+        for a in node.args[1:3])
+    if already and len(node.args) == 3:
+        return
+    old_module = node.target if node.op == "call_module" else None
+    with gm.graph.inserting_before(node):
+        low_node = gm.graph.get_attr(f"{CLIP_BOUNDS_MODULE}.{key}_low")
+        high_node = gm.graph.get_attr(f"{CLIP_BOUNDS_MODULE}.{key}_high")
+    node.op, node.target = "call_function", torch.clamp
+    node.args, node.kwargs = (node.args[0], low_node, high_node), {}
+    if old_module is not None and module_call_counts(gm)[old_module] == 0:
+        gm.delete_submodule(old_module)
+
+
+def _rescale_clips(gm: fx.GraphModule, pairs: list[LayerPair], scales: dict[str, torch.Tensor],
+                   modules: dict[str, nn.Module]) -> list[str]:
+    """Divide the bounds of every clip joining a pair by its first layer's scales (per channel)."""
+    changed = []
+    for pair in pairs:
+        if not pair.activation.is_clip or pair.first not in scales:
+            continue
+        first = modules[pair.first]
+        s = scales[pair.first].to(first.weight)
+        low = _per_channel(pair.activation.low, s) / s
+        high = _per_channel(pair.activation.high, s) / s
+        set_channel_clip(gm, pair.activation_node, low, high, channel_view(first, s.numel()))
+        changed.append(pair.activation_node)
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
 def equalize_model(gm: fx.GraphModule, config: CLEConfig | None = None) -> CLEResult:
-    """Equalize every pair of ``gm`` (mutated in place: weights, biases, and ReLU6 if asked).
+    """Equalize every pair of ``gm`` (mutated in place: weights, biases and the clips between pairs).
 
     BatchNorm must already be folded (a BN between two layers hides the pair). Returns a
-    :class:`CLEResult`; the function of ``gm`` is unchanged unless ReLU6 were converted.
+    :class:`CLEResult`. The function of ``gm`` is unchanged unless ``config.relu6 == "relu"``
+    converted ReLU6 that saturate on some input.
     """
     config = config or CLEConfig()
     result = CLEResult()
     pairs = find_layer_pairs(gm)
-    relu6 = [p for p in pairs if p.activation.kind == "relu6"]
-    if config.relu6_to_relu:
+    clipped = [p for p in pairs if p.activation.is_clip]
+    if config.relu6 == "relu":
+        relu6 = [p for p in clipped if p.activation.kind == "relu6"]
         result.converted_relu6 = convert_relu6_to_relu(gm, [p.activation_node for p in relu6])
+        result.skipped_relu6 = len(clipped) - len(relu6)
         pairs = [LayerPair(p.first, p.second, RELU, p.activation_node) if p.activation.kind == "relu6" else p
-                 for p in pairs]
-    else:
-        result.skipped_relu6 = len(relu6)
-        pairs = [p for p in pairs if p.activation.positive_homogeneous]
+                 for p in pairs if p.activation.kind == "relu6" or not p.activation.is_clip]
+    elif config.relu6 == "skip":
+        result.skipped_relu6 = len(clipped)
+        pairs = [p for p in pairs if not p.activation.is_clip]
     modules = dict(gm.named_modules())
     chains = chains_of(pairs)
     layers = sorted({name for p in pairs for name in (p.first, p.second)})
     result.channel_ranges_before = {name: channel_min_max(modules[name].weight) for name in layers}
-    before = [v for p in pairs for v in _pair_precision(modules[p.first], modules[p.second])]
+    before = [_pair_precision(modules[p.first], modules[p.second]) for p in pairs]
     for chain in chains:
         for sweep in range(1, config.max_iterations + 1):
             worst = 0.0
@@ -206,7 +295,8 @@ def equalize_model(gm: fx.GraphModule, config: CLEConfig | None = None) -> CLERe
                 break
         else:
             result.unconverged_chains += 1
-    after = [v for p in pairs for v in _pair_precision(modules[p.first], modules[p.second])]
+    result.rescaled_clips = _rescale_clips(gm, pairs, result.scales, modules)
+    after = [_pair_precision(modules[p.first], modules[p.second]) for p in pairs]
     result.pairs = pairs
     result.depthwise_pairs = sum(is_depthwise(modules[p.first]) or is_depthwise(modules[p.second]) for p in pairs)
     result.chains = [[chain[0].first] + [p.second for p in chain] for chain in chains]

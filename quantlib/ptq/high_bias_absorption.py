@@ -7,9 +7,12 @@ always above ``c_i = max(0, mean_i - k * std_i)`` (the BatchNorm statistics, ``k
 function and narrow the activation range by ``c``. The statistics come from BatchNorm captured
 before folding (:mod:`quantlib.ptq.bn_stats`).
 
-Only ReLU pairs are absorbed (convert ReLU6 first with CLE's ``relu6_to_relu``). The identity is
-exact for every input with ``z >= c``; where ``second`` zero-pads its input the border outputs
-change slightly (the padded zeros stand for ``-c``), as in DFQ and AIMET.
+Pairs joined by ReLU or by a clip with lower bound 0 (ReLU6, or the per-channel clip CLE leaves)
+are absorbed. For a clip to ``[0, h]`` the absorbed amount is at most ``h`` and the bound moves
+too: ``clip(z, 0, h) = clip(z - c, 0, h - c) + c`` for ``z >= c``, so the activation becomes a
+per-channel clip (:func:`quantlib.ptq.cle.set_channel_clip`). The identity is exact for every
+input with ``z >= c``; where ``second`` zero-pads its input the border outputs change slightly
+(the padded zeros stand for ``-c``), as in DFQ and AIMET.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from torch import fx, nn
 from ..batchnorm_fold import fold_batch_norms
 from . import channels
 from .bn_stats import ChannelGaussian
-from .layer_pairs import LayerPair, find_layer_pairs
+from .cle import channel_view, set_channel_clip
+from .layer_pairs import Activation, LayerPair, find_layer_pairs
 from .registry import PTQConfigError, PTQContext, PTQStep
 
 
@@ -53,7 +57,7 @@ class AbsorptionResult:
     def summary(self) -> dict[str, Any]:
         total = sum(float(c.sum()) for c in self.absorbed.values())
         return {"pairs": len(self.absorbed), "skipped_no_bn_statistics": self.skipped_no_stats,
-                "skipped_not_relu": self.skipped_activation, "absorbed_total": round(total, 4)}
+                "skipped_activation": self.skipped_activation, "absorbed_total": round(total, 4)}
 
 
 @torch.no_grad()
@@ -68,19 +72,33 @@ def absorb_pair(first: nn.Module, second: nn.Module, amount: torch.Tensor) -> No
         second.bias.add_(delta.to(second.bias))
 
 
+def _upper_bound(activation: Activation) -> float | torch.Tensor | None:
+    """The clip's upper bound when ``activation`` is ReLU (inf) or a clip whose lower bound is 0; else None."""
+    if activation.kind == "relu":
+        return float("inf")
+    if not activation.is_clip:
+        return None
+    low = activation.low
+    zero_low = bool((low == 0).all()) if isinstance(low, torch.Tensor) else low == 0.0
+    return activation.high if zero_low else None
+
+
 def absorb_high_biases(gm: fx.GraphModule, stats: dict[str, ChannelGaussian],
                        config: HighBiasAbsorptionConfig | None = None,
                        pairs: list[LayerPair] | None = None) -> AbsorptionResult:
-    """Absorb high biases across every ReLU pair of ``gm`` whose first layer has statistics.
+    """Absorb high biases across every ReLU/clip-to-[0, h] pair of ``gm`` whose first layer has statistics.
 
-    Mutates the biases of ``gm`` and updates ``stats`` (the mean of each absorbed layer's output
-    drops by ``c``). ``pairs`` defaults to :func:`find_layer_pairs`.
+    Mutates the biases of ``gm`` (and the bounds of the clips between absorbed pairs, which
+    become per-channel) and updates ``stats`` (the mean of each absorbed layer's output drops
+    by ``c``). ``pairs`` defaults to :func:`find_layer_pairs`.
     """
     config = config or HighBiasAbsorptionConfig()
     modules = dict(gm.named_modules())
     result = AbsorptionResult()
+    rewired = False
     for pair in pairs if pairs is not None else find_layer_pairs(gm):
-        if pair.activation.kind != "relu":
+        high = _upper_bound(pair.activation)
+        if high is None:
             result.skipped_activation += 1
             continue
         first, second = modules[pair.first], modules[pair.second]
@@ -89,11 +107,22 @@ def absorb_high_biases(gm: fx.GraphModule, stats: dict[str, ChannelGaussian],
             continue
         dist = stats[pair.first]
         amount = (dist.mean - config.num_std * dist.std).clamp(min=0.0).to(first.weight)
+        clipped = pair.activation.kind != "relu"
+        if clipped:
+            high_t = high.detach().to(amount).reshape(-1) if isinstance(high, torch.Tensor) else torch.full_like(amount, high)
+            amount = torch.minimum(amount, high_t)
         if not bool((amount > 0).any()):
             continue
         absorb_pair(first, second, amount)
+        if clipped:
+            set_channel_clip(gm, pair.activation_node, torch.zeros_like(amount), high_t - amount,
+                             channel_view(first, amount.numel()))
+            rewired = True
         stats[pair.first] = dist.shifted(-amount.to(dist.mean))
         result.absorbed[pair.first] = amount.detach().cpu()
+    if rewired:
+        gm.graph.lint()
+        gm.recompile()
     return result
 
 

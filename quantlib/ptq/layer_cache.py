@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
@@ -176,6 +177,8 @@ class LayerData:
 
     Chunk ``i`` holds ``batch_size`` samples: ``inputs(i)`` is what the layer receives (its first
     argument) and ``targets(i)`` the float reference layer's output for the same samples.
+    ``activation`` is the ReLU/ReLU6/clip applied to the layer's output next in the graph (as a
+    function that leaves its input alone), or None (see :func:`following_activation`).
     """
 
     name: str
@@ -183,6 +186,7 @@ class LayerData:
     store: ChunkStore
     input_key: str
     target_key: str
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -202,6 +206,28 @@ class LayerData:
 
     def device(self) -> torch.device:
         return self.store.device(self.input_key, 0)
+
+
+def following_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The ReLU, ReLU6 or Hardtanh that is the only user of ``node``'s output, as a function that
+    does not modify its argument (an in-place module would corrupt cached targets); None when the
+    output goes anywhere else. The AdaRound paper reconstructs layer outputs after this activation."""
+    users = list(node.users)
+    if len(users) != 1 or not users[0].args or users[0].args[0] is not node:
+        return None
+    user = users[0]
+    if user.op == "call_module":
+        module = modules.get(user.target)
+        if isinstance(module, nn.ReLU):
+            return F.relu
+        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            return functools.partial(torch.clamp, min=float(module.min_val), max=float(module.max_val))
+        return None
+    if (user.op == "call_function" and user.target in (F.relu, torch.relu)) or (user.op == "call_method" and user.target == "relu"):
+        return F.relu
+    if user.op == "call_function" and user.target is F.relu6:
+        return functools.partial(torch.clamp, min=0.0, max=6.0)
+    return None
 
 
 def collect_samples(data: Iterable, config: CacheConfig, device: torch.device) -> list[torch.Tensor]:
@@ -322,7 +348,8 @@ def stream_layers(model: fx.GraphModule, reference: fx.GraphModule, samples: lis
                     input_key = "input" if source.op == "placeholder" else prefix + source.name
                     compute(node, ref_runner, "r:")  # the float outputs: reconstruction targets
                     on_layer(LayerData(name=str(node.target), module=quant_runner.modules[node.target],
-                                       store=store, input_key=input_key, target_key="r:" + node.name))
+                                       store=store, input_key=input_key, target_key="r:" + node.name,
+                                       activation=following_activation(node, quant_runner.modules)))
                     if node in needed and not reference_inputs:
                         compute(node, quant_runner, "q:")
                     elif node not in needed:

@@ -11,6 +11,8 @@ reconstruction loss at a fraction of the cost for layers with large feature maps
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,14 +53,17 @@ class ReconstructionBatches:
     sequence reproducible). With ``crop`` and a zero-padded convolution whose output is larger
     than ``crop`` in some spatial dimension, it returns a random output window of side ``crop``
     and the padded input window that produces it; :meth:`forward` then runs the layer without
-    padding, giving exactly the corresponding window of the full output.
+    padding, giving exactly the corresponding window of the full output. With ``activation``
+    (e.g. ``layer.activation``), targets and outputs are both passed through it.
     """
 
-    def __init__(self, data: LayerData, crop: int | None, generator: torch.Generator) -> None:
+    def __init__(self, data: LayerData, crop: int | None, generator: torch.Generator,
+                 activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.data = data
         self.module = data.module
         self.crop = crop
         self.generator = generator
+        self.activation = activation
         self.device = data.device()
         view = data.target_view(0)
         spatial = tuple(view.shape[2:]) if len(view.shape) > 2 else ()
@@ -69,6 +74,10 @@ class ReconstructionBatches:
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target) of one random chunk, or of a random window of it."""
+        x, y = self._window()
+        return x, (self.activation(y) if self.activation is not None else y)
+
+    def _window(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._randint(self.data.num_chunks)
         if not self.windowed:
             return self.data.inputs(index), self.data.targets(index)
@@ -95,18 +104,23 @@ class ReconstructionBatches:
         return x, y
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The layer's output on a sampled input with the given weights."""
-        return layer_forward(self.module, x, weight, bias, windowed=self.windowed)
+        """The layer's output on a sampled input with the given weights (after ``activation``)."""
+        out = layer_forward(self.module, x, weight, bias, windowed=self.windowed)
+        return self.activation(out) if self.activation is not None else out
 
 
 @torch.no_grad()
-def reconstruction_mse(data: LayerData, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int = 1) -> float:
+def reconstruction_mse(data: LayerData, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int = 1,
+                       activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Mean squared error between the layer's output with ``weight``/``bias`` and the float
-    targets, over the first ``chunks`` cached chunks (whole feature maps)."""
+    targets, over the first ``chunks`` cached chunks (whole feature maps), both after
+    ``activation`` when one is given."""
     total, count = 0.0, 0
     for index in range(min(chunks, data.num_chunks)):
         out = layer_forward(data.module, data.inputs(index), weight, bias)
         target = data.targets(index)
+        if activation is not None:
+            out, target = activation(out), activation(target)
         total += float((out - target).double().pow(2).sum())
         count += target.numel()
     return total / max(count, 1)

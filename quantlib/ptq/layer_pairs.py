@@ -7,9 +7,12 @@ A pair is ``first -> (pass-through ops and at most one activation) -> second`` w
 * every tensor between them has exactly one user, so rescaling ``first``'s output channels
   reaches nothing but ``second`` (residual branches and model outputs break a pair);
 * the ops in between commute with a positive per-channel scale: identity/dropout, zero padding,
-  max and average pooling, and the activations ReLU, LeakyReLU and ReLU6. ReLU6 does *not*
-  commute (``relu6(x / s) != relu6(x) / s``); its pairs are reported with ``activation="relu6"``
-  so the caller can skip them or convert the ReLU6 to ReLU.
+  max and average pooling, and the activations ReLU and LeakyReLU -- or are a clip: ReLU6,
+  Hardtanh, ``clamp`` with scalar or per-channel (tensor) bounds. A clip does *not* commute with
+  a scale (``relu6(x / s) != relu6(x) / s``) but ``clip(x / s, lo / s, hi / s) == clip(x, lo, hi) / s``,
+  so its pairs are reported with their bounds (``activation.kind`` "relu6" or "clip") and the
+  caller skips them, converts ReLU6 to ReLU, or rescales the bounds per channel (see
+  :mod:`quantlib.ptq.cle`).
 
 Pairs sharing a layer form a chain (conv -> depthwise -> pointwise in MobileNet/EfficientNet
 blocks); :func:`chains_of` groups them in forward order. Nothing here mutates the graph.
@@ -34,17 +37,18 @@ _POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.ada
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Activation:
     """An elementwise activation: ``kind`` is relu | relu6 | leaky_relu | clip | identity.
 
-    ``low``/``high`` are the clip bounds (relu: 0, inf; relu6: 0, 6); ``slope`` is the negative
-    slope of leaky_relu.
+    ``low``/``high`` are the clip bounds (relu: 0, inf; relu6: 0, 6): floats, or 1-D tensors with
+    one bound per channel for a per-channel clip (what CLE leaves after rescaling a ReLU6);
+    ``slope`` is the negative slope of leaky_relu. Compared by identity (bounds may be tensors).
     """
 
     kind: str
-    low: float = float("-inf")
-    high: float = float("inf")
+    low: float | torch.Tensor = float("-inf")
+    high: float | torch.Tensor = float("inf")
     slope: float = 0.0
 
     @property
@@ -52,13 +56,25 @@ class Activation:
         """True when act(s * x) == s * act(x) for every s > 0 (what CLE needs)."""
         return self.kind in ("relu", "leaky_relu", "identity")
 
+    @property
+    def is_clip(self) -> bool:
+        """A clip to [low, high] (ReLU6, Hardtanh, clamp): equalizable by rescaling its bounds."""
+        return self.kind in ("relu6", "clip")
+
+    @property
+    def per_channel(self) -> bool:
+        """True when the bounds are per-channel tensors."""
+        return isinstance(self.low, torch.Tensor) or isinstance(self.high, torch.Tensor)
+
 
 IDENTITY = Activation("identity")
 RELU = Activation("relu", low=0.0)
 RELU6 = Activation("relu6", low=0.0, high=6.0)
 
 
-def _clip_activation(low: float, high: float) -> Activation:
+def _clip_activation(low: float | torch.Tensor, high: float | torch.Tensor) -> Activation:
+    if isinstance(low, torch.Tensor) or isinstance(high, torch.Tensor):
+        return Activation("clip", low=low, high=high)
     if low == 0.0 and high == 6.0:
         return RELU6
     if low == 0.0 and high == float("inf"):
@@ -72,8 +88,38 @@ def _arg(node: fx.Node, index: int, name: str, default):
     return node.kwargs.get(name, default)
 
 
+_NOT_CONSTANT = object()
+
+
+def _bound(value, modules: dict[str, nn.Module], default: float):
+    """A clamp bound as a float or a 1-D tensor (a ``get_attr`` of the graph); _NOT_CONSTANT otherwise."""
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, fx.Node) and value.op == "get_attr" and "" in modules:
+        attr = modules[""]
+        for part in str(value.target).split("."):
+            attr = getattr(attr, part, None)
+        if isinstance(attr, torch.Tensor):
+            return attr.detach().flatten()
+    return _NOT_CONSTANT
+
+
+def _clamp_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Activation | None:
+    low = _bound(_arg(node, 1, "min", None), modules, float("-inf"))
+    high = _bound(_arg(node, 2, "max", None), modules, float("inf"))
+    if low is _NOT_CONSTANT or high is _NOT_CONSTANT:
+        return None
+    return _clip_activation(low, high)
+
+
 def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> Activation | None:
-    """The activation a node computes, or None when it is not a known elementwise activation."""
+    """The activation a node computes, or None when it is not a known elementwise activation.
+
+    ``modules`` is ``dict(gm.named_modules())`` (its ``""`` entry, the graph module, is where
+    per-channel clamp bounds are read from).
+    """
     if node.op == "call_module":
         module = modules[node.target]
         if isinstance(module, nn.ReLU):
@@ -92,13 +138,13 @@ def activation_of(node: fx.Node, modules: dict[str, nn.Module]) -> Activation | 
             return _clip_activation(float(_arg(node, 1, "min_val", -1.0)), float(_arg(node, 2, "max_val", 1.0)))
         if node.target is F.leaky_relu:
             return Activation("leaky_relu", slope=float(_arg(node, 1, "negative_slope", 0.01)))
-        if node.target is torch.clamp:
-            low, high = _arg(node, 1, "min", None), _arg(node, 2, "max", None)
-            if isinstance(low, (int, float)) and (high is None or isinstance(high, (int, float))):
-                return _clip_activation(float(low), float("inf") if high is None else float(high))
+        if node.target in (torch.clamp, torch.clip):
+            return _clamp_activation(node, modules)
         return None
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return RELU
+    if node.op == "call_method" and node.target in ("clamp", "clip"):
+        return _clamp_activation(node, modules)
     return None
 
 
@@ -168,7 +214,7 @@ def _follow(start: fx.Node, modules: dict[str, nn.Module], call_counts: Counter)
             return None
         found = activation_of(user, modules)
         if found is not None:
-            if act_node is not None or not (found.positive_homogeneous or found is RELU6):
+            if act_node is not None or not (found.positive_homogeneous or found.is_clip):
                 return None
             activation, act_node = found, user
         elif not (is_identity(user, modules) or is_zero_pad(user, modules) or is_pool(user, modules)):

@@ -10,7 +10,8 @@ such pass shares; the passes' configs extend it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,6 +41,13 @@ class LayerwiseConfig:
             default) or "fp32" (inputs from the float model).
         include, exclude: fnmatch globs over weight module names selecting the layers.
         seed: seeds the mini-batch order.
+        through_activation: measure the reconstruction error after the ReLU/ReLU6/clip that
+            follows a layer, where there is one (Nagel et al. 2020, section 4: errors the
+            activation removes do not count).
+        optimizer_threads: torch intra-op threads while a layer is optimized (restored afterwards;
+            None leaves torch's setting). One step works on a small window of one chunk, where
+            thread synchronization costs more than it saves: on a busy 2-core machine one
+            thread ran a small conv step 100x faster than two. Caching passes keep torch's setting.
     """
 
     num_samples: int = 256
@@ -51,10 +59,14 @@ class LayerwiseConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     seed: int = 0
+    through_activation: bool = True
+    optimizer_threads: int | None = 1
 
     def __post_init__(self) -> None:
         if self.crop is not None:
             check_int("crop", self.crop, 1)
+        if self.optimizer_threads is not None:
+            check_int("optimizer_threads", self.optimizer_threads, 1)
         check_choice("input_source", self.input_source, INPUT_SOURCES)
         for name in ("include", "exclude"):
             value = getattr(self, name)
@@ -83,6 +95,25 @@ class LayerwiseStats:
     def to_dict(self) -> dict[str, Any]:
         return {"num_samples": self.num_samples, "seconds": round(self.seconds, 3),
                 "peak_cache_mb": round(self.peak_cache_mb, 1), "spilled_mb": round(self.spilled_mb, 1)}
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, then restore the previous number."""
+    if count is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def loss_activation(layer: LayerData, config: LayerwiseConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The activation the reconstruction error is measured after (None: the layer's own output)."""
+    return layer.activation if config.through_activation else None
 
 
 def selected_layers(sim: QuantSim, config: LayerwiseConfig, method: str) -> list[str]:
@@ -118,8 +149,12 @@ def run_layerwise(sim: QuantSim, data: Iterable, config: LayerwiseConfig,
     results: list[R] = []
     with ChunkStore(int(cache.max_resident_mb * 2**20), cache.spill_dir) as store:
         if names:
-            stream_layers(sim.model, reference, samples, names, lambda layer: results.append(layer_fn(layer, generator)),
-                          store, reference_inputs=config.input_source == "fp32", progress=progress, desc=method)
+            def visit(layer: LayerData) -> None:
+                with torch_threads(config.optimizer_threads):
+                    results.append(layer_fn(layer, generator))
+
+            stream_layers(sim.model, reference, samples, names, visit, store,
+                          reference_inputs=config.input_source == "fp32", progress=progress, desc=method)
         peak, spilled = store.peak_resident_bytes, store.spilled_bytes
     stats = LayerwiseStats(num_samples=sum(s.shape[0] for s in samples), seconds=time.perf_counter() - start,
                            peak_cache_mb=peak / 2**20, spilled_mb=spilled / 2**20)

@@ -4,7 +4,7 @@ Entry point::
 
     sim, report = prepare_quantsim(model, example_input, "per_tensor", [
         {"name": "bn_fold"},
-        {"name": "cle", "relu6_to_relu": True},
+        {"name": "cle", "relu6": "per_channel_clip"},
         {"name": "bias_correction", "kind": "empirical"},
     ], calibration_loader)
 
@@ -241,7 +241,7 @@ def prepare_quantsim(model: nn.Module, example_input: torch.Tensor | tuple, conf
         model: any fx-traceable ``nn.Module`` (not mutated); runs on its own device.
         example_input: a tensor or tuple with the model's input shape.
         config: a QuantSim config (preset name, YAML path, mapping or QuantSimConfig).
-        steps: ``[{"name": "bn_fold"}, {"name": "cle", "relu6_to_relu": True}, ...]``; a bare
+        steps: ``[{"name": "bn_fold"}, {"name": "cle", "relu6": "per_channel_clip"}, ...]``; a bare
             name stands for a step with default settings; ``[]`` gives plain QuantSim + calibrate.
         calibration_data: re-iterable batches (tensors or (inputs, labels)), e.g. a DataLoader.
         progress: progress bars for calibration and data-driven steps.

@@ -17,8 +17,9 @@ def plot_channel_ranges(before: tuple[torch.Tensor, torch.Tensor], after: tuple[
                         path: str | Path, *, title: str) -> Path:
     """Write a two-panel PNG: the (min, max) weight range of every output channel, before and after.
 
-    ``before``/``after`` are ``(mins, maxs)`` 1-D tensors of equal length. Both panels share the
-    y axis so the narrowing of the spread is visible. Returns ``path``.
+    ``before``/``after`` are ``(mins, maxs)`` 1-D tensors of equal length. Each panel scales its
+    own y axis to the layer's largest |w| (the per-tensor grid), so what shows is how much of
+    that grid each channel uses; the titles give the largest |w|. Returns ``path``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -26,7 +27,7 @@ def plot_channel_ranges(before: tuple[torch.Tensor, torch.Tensor], after: tuple[
     path = Path(path)
     figure = Figure(figsize=(10, 5.5), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 1, sharex=True, sharey=True)
+    axes = figure.subplots(2, 1, sharex=True)
     for ax, (label, (low, high)) in zip(axes, (("before", before), ("after", after))):
         low, high = low.detach().cpu().float().numpy(), high.detach().cpu().float().numpy()
         index = range(len(low))
@@ -35,6 +36,8 @@ def plot_channel_ranges(before: tuple[torch.Tensor, torch.Tensor], after: tuple[
         ax.scatter(index, low, s=4, color="tab:green", label="min")
         ax.axhline(0.0, color="grey", linewidth=0.5)
         spread = max(abs(float(low.min())), abs(float(high.max())))
+        if spread > 0:
+            ax.set_ylim(-1.05 * spread, 1.05 * spread)
         ax.set_ylabel(f"{label}\nweight value")
         ax.set_title(f"{label}: largest |w| {spread:.3g}", fontsize=9)
     axes[0].legend(loc="upper right", fontsize=8)

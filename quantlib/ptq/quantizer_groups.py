@@ -30,12 +30,16 @@ from ..quantsim import QuantSim
 from ..spec import QuantizerSpec
 
 
+ACTIVATION_GROUP_PREFIX = "act:"
+
+
 @dataclass(frozen=True)
 class QuantizerGroup:
     """Quantizers whose precision is analysed or chosen together.
 
     Attributes:
-        name: the first weight module's name, or the activation quantizer's name.
+        name: the first weight module's name, or ``act:`` and the activation quantizer's name
+            (a quantizer is named after its node, which can share a module's name).
         modules: weight module names (``sim.weight_modules()`` keys), in graph order.
         activation_quantizers: names (``sim.activation_quantizers()`` keys) of the activation
             quantizers feeding the modules, or the group's own activation quantizer.
@@ -110,7 +114,7 @@ def quantizer_groups(sim: QuantSim) -> list[QuantizerGroup]:
     result = [QuantizerGroup(name=members[0], modules=tuple(members), activation_quantizers=(source,) if source else ())
               for members, source in zip(groups, inputs)]
     used = {s for s in inputs if s}
-    result += [QuantizerGroup(name=name, modules=(), activation_quantizers=(name,))
+    result += [QuantizerGroup(name=f"{ACTIVATION_GROUP_PREFIX}{name}", modules=(), activation_quantizers=(name,))
                for name in sim.activation_quantizers() if name not in used]
     return result
 

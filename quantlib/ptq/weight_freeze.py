@@ -15,6 +15,11 @@ scale``. The weight quantizer maps that value back to exactly ``codes`` (``k * s
 quantized checkpoint and the ONNX export all carry the chosen integers. Replacing the weight
 in place bumps its version counter and the new quantizer bumps ``version``, which invalidates the
 quantize-dequantized weight and int32 bias that the quantized module caches.
+
+The float weight the layer had when it was first frozen is kept as the non-persistent buffer
+``float_weight`` of the frozen quantizer (not in ``state_dict``, so checkpoints and exports are
+unchanged). :func:`unfreeze_weight` puts it back, for passes that change a frozen layer's format
+(mixed precision moving an AdaRounded 4-bit layer to 8 bits re-quantizes the float weight).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class FrozenWeightQuantizer(FakeQuantizer):
         frozen._parameters = quantizer._parameters.copy()
         frozen._buffers = quantizer._buffers.copy()
         frozen._modules = quantizer._modules.copy()
+        frozen._non_persistent_buffers_set = set(quantizer._non_persistent_buffers_set)
         frozen.frozen_by = frozen_by
         return frozen
 
@@ -61,11 +67,19 @@ def is_frozen(quantizer: FakeQuantizer) -> bool:
 
 
 def freeze_weight_encoding(module: nn.Module, frozen_by: str) -> FrozenWeightQuantizer:
-    """Make ``module.weight_quantizer`` frozen (in place on ``module``); returns the new quantizer."""
+    """Make ``module.weight_quantizer`` frozen (in place on ``module``); returns the new quantizer.
+
+    The first freeze keeps a copy of the current (float) weight as ``float_weight``; freezing an
+    already frozen layer again (AdaQuant after AdaRound) keeps the original copy.
+    """
     current = module.weight_quantizer
     if not current.has_encoding:
         raise ValueError(f"{current.name}: cannot freeze a weight quantizer without an encoding; calibrate the sim first")
-    frozen = current if is_frozen(current) else FrozenWeightQuantizer.wrap(current, frozen_by)
+    if is_frozen(current):
+        frozen = current
+    else:
+        frozen = FrozenWeightQuantizer.wrap(current, frozen_by)
+        frozen.register_buffer("float_weight", module.weight.detach().clone(), persistent=False)
     frozen.frozen_by = frozen_by
     frozen.version += 1
     module.weight_quantizer = frozen
@@ -91,3 +105,22 @@ def write_weight_codes(module: nn.Module, codes: torch.Tensor, frozen_by: str) -
     if not torch.equal(weight_codes(module), codes.to(torch.int32)):
         raise RuntimeError(f"{wq.name}: the weight quantizer does not reproduce the written codes "
                            f"(rounding={wq.spec.rounding}); use half_even rounding for weights")
+
+
+@torch.no_grad()
+def unfreeze_weight(module: nn.Module) -> FakeQuantizer:
+    """Undo :func:`freeze_weight_encoding` on ``module`` (mutated): the float weight kept at the first
+    freeze is written back and a plain :class:`FakeQuantizer` with the same spec and encoding takes
+    the frozen one's place (a later calibration recomputes it). Returns the new quantizer; a layer
+    that is not frozen is left as it is.
+    """
+    current = module.weight_quantizer
+    if not is_frozen(current):
+        return current
+    plain = FakeQuantizer(current.spec, name=current.name)
+    plain.set_qparams(current.scale, current.zero_point)
+    plain.exact = current.exact
+    plain.version = current.version + 1  # differs from every cache key taken with the frozen one
+    module.weight.copy_(current.float_weight.to(module.weight.dtype))
+    module.weight_quantizer = plain.to(current.scale.device)
+    return plain

@@ -1,0 +1,158 @@
+"""Automatic mixed precision on a tiny MLP with a synthetic score: the budget is met with fewer
+bit-ops than all-8-bit, the weight-sensitive layer is kept wide, the binary search stops at the
+boundary, bit-ops match quantlib.cost, and AdaRounded layers are handled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantlib.cost import model_cost
+from quantlib.ptq.adaround import apply_adaround
+from quantlib.ptq.mixed_precision import MixedPrecisionConfig, greedy_path, search_mixed_precision
+from quantlib.ptq.pass_config import PassConfigError
+from quantlib.ptq.pipeline import prepare_quantsim
+from quantlib.ptq.precision_formats import Candidate, PrecisionSwitch, parse_candidate, parse_candidates
+from quantlib.ptq.quantizer_groups import quantizer_groups
+from quantlib.ptq.registry import PTQConfigError
+from quantlib.ptq.weight_freeze import is_frozen, weight_codes
+from quantlib.quantsim import QuantSim
+
+X = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+DATA = list(X.split(64))
+
+
+def mlp_with_a_sensitive_layer() -> nn.Module:
+    """Linear 0 -> 2 -> 4 -> 6 with ReLUs; every row of layer 2 has one weight 8x its largest, so
+    4-bit weights (per channel) round the rest of layer 2 to zero, while 8 bits still resolve them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[2].weight[:, 0] = 8.0 * model[2].weight.abs().max() * torch.sign(torch.randn(32))
+    return model
+
+
+def synthetic_score(model: nn.Module, reference: nn.Module) -> float:
+    """100 minus 100x the relative output noise against ``reference`` on fixed data."""
+    with torch.no_grad():
+        y, r = model(X), reference(X)
+    return 100.0 - 100.0 * float((y - r).pow(2).sum() / r.pow(2).sum())
+
+
+def calibrated(model: nn.Module) -> QuantSim:
+    sim = QuantSim(model, X[:1], "per_channel")  # W8A8
+    sim.calibrate(DATA, progress=False)
+    return sim
+
+
+def test_candidates_parse_sort_and_reject_bad_pairs():
+    assert parse_candidate("w4a8") == Candidate(32, 4, 8) and parse_candidate("w4a8").name == "w4a8"
+    assert [c.name for c in parse_candidates(["w16a16", "w4a8", "w8a8", "w4a8"])] == ["w4a8", "w8a8", "w16a16"]
+    with pytest.raises(PassConfigError, match=r"candidates\[1\]='8-bit' is not a candidate; write"):
+        parse_candidates(["w4a8", "8-bit"])
+    with pytest.raises(PassConfigError, match=r"has 32 bits; use 2..16"):
+        parse_candidates(["w4a8", "w32a8"])
+    with pytest.raises(PassConfigError, match="needs at least two different candidates"):
+        parse_candidates(["w8a8", "w8a8"])
+
+
+def test_greedy_path_narrows_the_cheapest_noise_per_bitop_first():
+    low, high = Candidate(32, 4, 8), Candidate(64, 8, 8)
+    added = {"a": {low: 1.0, high: 0.0}, "b": {low: 0.1, high: 0.0}, "c": {low: 0.1, high: 0.0}}
+    macs = {"a": 10, "b": 10, "c": 20}
+    path = greedy_path(["a", "b", "c"], [low, high], added, lambda g, c: macs[g] * c.cost)
+    assert [sum(c is low for c in p.values()) for p in path] == [0, 1, 2, 3]
+    # c saves twice the bit-ops of b for the same noise, then b, then the noisy a
+    assert path[1]["c"] is low and path[2]["b"] is low and path[3]["a"] is low
+
+
+def test_search_meets_the_budget_with_fewer_bitops_than_all_8_bit():
+    model = mlp_with_a_sensitive_layer()
+    sim = calibrated(model)
+    start_bitops = model_cost(sim).bitops
+    result = search_mixed_precision(sim, DATA, [(X[:64],)], lambda m: synthetic_score(m, model), 100.0,
+                                    MixedPrecisionConfig(max_drop=0.5, curve_points=2))
+    assert result.met and result.target_score == 99.5
+    assert result.chosen_score >= 99.5
+    assert result.bitops_start == start_bitops == result.bitops_uniform["w8a8"]
+    assert result.bitops_chosen < result.bitops_uniform["w8a8"]
+    assert result.bitops_chosen == model_cost(sim).bitops  # the sim now holds the chosen formats
+    assert result.chosen["2"].name != "w4a8"  # the layer with the planted outliers stays wide
+    assert any(c.name == "w4a8" for c in result.chosen.values())
+    assert synthetic_score(sim.model, model) == pytest.approx(result.chosen_score)
+    # binary search stops at the boundary: the next point on the path was scored and missed the budget
+    following = result.path[result.chosen_index + 1]
+    assert following.score is not None and following.score < 99.5
+    assert len(result.evaluated) <= 2 + 2 + 4  # curve points, both ends, log2 of the path
+    bitops = [p.bitops for p in result.path]
+    assert bitops == sorted(bitops, reverse=True) and bitops[0] == result.bitops_uniform["w16a16"]
+    assert bitops[-1] == result.bitops_uniform["w4a8"]
+    summary = result.to_dict()
+    assert summary["groups_per_candidate"] == {name: list(summary["chosen"].values()).count(name)
+                                               for name in set(summary["chosen"].values())}
+
+
+def test_unreachable_budget_leaves_the_widest_assignment():
+    model = mlp_with_a_sensitive_layer()
+    sim = calibrated(model)
+    result = search_mixed_precision(sim, DATA, [(X[:64],)], lambda m: synthetic_score(m, model), 200.0,
+                                    MixedPrecisionConfig(max_drop=0.5))
+    assert not result.met and result.chosen_index == 0
+    assert all(c.name == "w16a16" for c in result.chosen.values())
+    assert [p.index for p in result.evaluated] == [0]
+
+
+def test_switching_formats_is_reversible():
+    model = mlp_with_a_sensitive_layer()
+    sim = calibrated(model)
+    groups = [g for g in quantizer_groups(sim) if g.kind == "layer"]
+    switch = PrecisionSwitch(sim, groups, parse_candidates(["w4a8", "w8a8"]), DATA)
+    widest = sim.model(X)
+    narrow = {g.name: Candidate(32, 4, 8) for g in groups}
+    switch.apply(narrow)
+    assert all(m.weight_quantizer.spec.bitwidth == 4 for m in sim.weight_modules().values())
+    assert switch.bitops(narrow) == model_cost(sim).bitops
+    narrowed = sim.model(X)
+    switch.apply({g.name: Candidate(64, 8, 8) for g in groups})
+    assert torch.equal(sim.model(X), widest)
+    switch.apply(narrow)
+    assert torch.equal(sim.model(X), narrowed)
+
+
+def test_adarounded_layers_keep_their_codes_at_their_bitwidth_and_requantize_the_float_weight_otherwise():
+    model = mlp_with_a_sensitive_layer()
+    sim = QuantSim(model, X[:1], "per_channel")
+    sim.calibrate(DATA, progress=False)
+    apply_adaround(sim, DATA, {"num_iterations": 20, "batch_size": 64, "num_samples": 256, "include": ["4"]},
+                   progress=False)
+    module = sim.weight_modules()["4"]
+    adarounded = weight_codes(module)
+    groups = [g for g in quantizer_groups(sim) if g.kind == "layer"]
+    switch = PrecisionSwitch(sim, groups, parse_candidates(["w4a8", "w8a8"]), DATA)
+    switch.apply({"4": Candidate(32, 4, 8)})
+    assert not is_frozen(module.weight_quantizer) and module.weight_quantizer.spec.bitwidth == 4
+    float_weight = model[4].weight.detach()
+    scale = float_weight.abs().amax(1, keepdim=True) / 7  # symmetric signed 4-bit, per channel, minmax
+    assert torch.allclose(module.weight_quantizer(module.weight), torch.round(float_weight / scale).clamp(-8, 7) * scale,
+                          atol=1e-6)
+    switch.apply({"4": Candidate(64, 8, 8)})
+    assert is_frozen(module.weight_quantizer) and torch.equal(weight_codes(module), adarounded)
+
+
+def test_pipeline_step_writes_the_pareto_plot(tmp_path):
+    model = mlp_with_a_sensitive_layer()
+    data = [(b, torch.zeros(len(b), dtype=torch.long)) for b in DATA]
+    sim, report = prepare_quantsim(model, X[:1], "per_channel",
+                                   [{"name": "mixed_precision", "candidates": ["w4a8", "w8a8", "w16a16"], "max_drop": 0.5,
+                                     "num_samples": 64}],
+                                   data, progress=False, plots_dir=tmp_path, score_fn=lambda m: synthetic_score(m, model))
+    summary = report.steps[0].summary
+    assert summary["met"] and summary["reference_score"] == pytest.approx(100.0)
+    assert summary["bitops_chosen"] < summary["bitops_uniform"]["w8a8"]
+    png = (tmp_path / "mixed_precision_pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with pytest.raises(PTQConfigError, match=r"ptq.steps\[0\].candidates=\['w8a8'\] needs at least two"):
+        prepare_quantsim(model, X[:1], "per_channel", [{"name": "mixed_precision", "candidates": ["w8a8"]}], data,
+                         progress=False)
