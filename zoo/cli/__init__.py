@@ -20,7 +20,7 @@ PLUGIN_COMMANDS: tuple[str, ...] = ("table", "sweep", "reproduce", "bench")
 
 def _recipes() -> dict[str, list[str]]:
     root = resources.files("recipes")
-    groups = {"model", "data", "quant", "ptq", "qat", "evaluator", "hydra", "__pycache__"}
+    groups = {"model", "data", "quant", "ptq", "qat", "compress", "evaluator", "hydra", "zoo", "__pycache__"}
     found = {}
     for folder in sorted(root.iterdir(), key=lambda p: p.name):
         if folder.is_dir() and folder.name not in groups:
