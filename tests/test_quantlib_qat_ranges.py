@@ -54,7 +54,7 @@ def test_round_ste_and_scale_gradient():
 
 def test_lsq_scale_gradient_matches_the_paper():
     """d x_hat / d s = round(x/s) - x/s inside the grid, q_min - z / q_max - z outside (Esser et al. 2020)."""
-    q = _quantizer(LearnableQuantizer, grad_scale=False)
+    q = _quantizer(LearnableQuantizer, grad_scale=False, log_scale=False)
     s, z = q.scale.item(), float(q.zero_point.item())
     x = torch.tensor([0.37, -0.61, 1.234, -5.0, 9.0])
     q(x).sum().backward()
@@ -70,6 +70,11 @@ def test_lsq_scale_gradient_matches_the_paper():
     assert q.scale.grad.item() == pytest.approx(expected, abs=1e-5)
     # the learned offset only hears from clipped values: -s for each of them
     assert q.offset.grad.item() == pytest.approx(-2 * s, rel=1e-5)
+    # in the log domain (the default) the parameter is log s: its gradient is s times the LSQ one
+    in_log = _quantizer(LearnableQuantizer, grad_scale=False)
+    in_log(x).sum().backward()
+    assert in_log.scale_parameter is in_log.log_scale and not isinstance(in_log.scale, torch.nn.Parameter)
+    assert in_log.log_scale.grad.item() == pytest.approx(s * expected, abs=1e-5)
 
 
 def test_lsq_gradient_scale_factor():
@@ -77,7 +82,7 @@ def test_lsq_gradient_scale_factor():
     x = torch.linspace(-2, 3, 40).reshape(4, 10)  # 4 samples of 10 features, per-tensor: N = 10
     plain(x).sum().backward()
     scaled(x).sum().backward()
-    assert scaled.scale.grad.item() == pytest.approx(plain.scale.grad.item() / math.sqrt(10 * 15), rel=1e-5)
+    assert scaled.log_scale.grad.item() == pytest.approx(plain.log_scale.grad.item() / math.sqrt(10 * 15), rel=1e-5)
 
 
 def test_learnable_quantizer_without_gradient_equals_the_plain_one_and_converts_back():
@@ -87,7 +92,7 @@ def test_learnable_quantizer_without_gradient_equals_the_plain_one_and_converts_
     with torch.no_grad():
         assert torch.equal(learnable(x), plain(x))
     with torch.no_grad():
-        learnable.scale.mul_(1.1)
+        learnable.log_scale.add_(math.log(1.1))
         learnable.offset.add_(1.4)
     back = learnable.to_fake_quantizer()
     assert type(back) is FakeQuantizer and back.zero_point.item() == plain.zero_point.item() + 1
@@ -105,7 +110,7 @@ def test_version_follows_in_place_updates_so_cached_weights_refresh():
     with torch.no_grad():
         before = layer.quantized_weight().clone()
         version = layer.weight_quantizer.version
-        layer.weight_quantizer.scale.mul_(1.5)  # what an optimizer step does
+        layer.weight_quantizer.log_scale.add_(math.log(1.5))  # what an optimizer step does
         assert layer.weight_quantizer.version > version
         after = layer.quantized_weight()
     assert not torch.equal(before, after)
@@ -146,19 +151,21 @@ def test_lsq_scales_receive_gradients_change_and_improve_the_quantized_model():
     sim = quantized(model)
     ptq = accuracy(sim.model)
     enable_range_learning(sim.model)
-    scales = {n: q.scale.detach().clone() for n, q in sim.quantizers().items()}
+    scales = {n: q.scale_parameter.detach().clone() for n, q in sim.quantizers().items()}
     train_set, _ = digits()
     config = TrainConfig(epochs=4, optimizer="adam", lr=1e-3, quantizer_lr=1e-2, loss="task")
     seen: dict[str, float] = {}
 
     def record_gradients(m, step):  # after the step the .grad of the last backward is still there
         for name, q in sim.quantizers().items():
-            seen[name] = seen.get(name, 0.0) + float(q.scale.grad.abs().sum())
+            seen[name] = seen.get(name, 0.0) + float(q.scale_parameter.grad.abs().sum())
 
     train(sim.model, training_loader(train_set, 128, seed=0), config, step_hooks=[record_gradients], progress=False)
     assert set(seen) == set(scales) and all(value > 0 for value in seen.values())
     for name, q in sim.quantizers().items():
-        assert not torch.equal(q.scale.detach(), scales[name]), name
+        assert not torch.equal(q.scale_parameter.detach(), scales[name]), name
+        q.encoding()
+        assert torch.allclose(q.scale, q.log_scale.exp())  # the buffer follows the parameter
     disable_range_learning(sim.model)
     qat = accuracy(sim.model)
     assert qat > ptq + 10.0, (ptq, qat)  # 2-bit weights / 3-bit activations: PTQ loses a lot, QAT wins it back
@@ -172,7 +179,7 @@ def test_fused_learnable_kernels_equal_the_reference_ste(spec):
     x = torch.randn(8, 6, 5, 5) * 2
     base = FakeQuantizer(spec, name="q")
     base.calibrate_from(x * 0.7)  # some values clip
-    fused = LearnableQuantizer.from_quantizer(base)
+    fused = LearnableQuantizer.from_quantizer(base, log_scale=False)
     xa = x.clone().requires_grad_()
     out = fused(xa)
     grad = torch.randn_like(out)

@@ -96,7 +96,7 @@ def run_qat(sim: QuantSim, fp32_teacher: nn.Module, resolved: dict[str, Any], ca
     learn = qat["learn_ranges"]
     learned = [] if learn == "none" else enable_range_learning(
         sim.model, weights=learn in ("weights", "all"), activations=learn in ("activations", "all"),
-        learn_offset=qat["learn_offset"], grad_scale=qat["lsq_grad_scale"])
+        learn_offset=qat["learn_offset"], grad_scale=qat["lsq_grad_scale"], log_scale=qat["learn_log_scale"])
     primary = is_primary_process()
     record_dir = Path(record_dir)
     try:

@@ -45,6 +45,7 @@ class QatConf:
     # -- around the trainer ---------------------------------------------------------------------
     learn_ranges: str = "none"  # none | weights | activations | all: LSQ scales (and offsets) learned
     learn_offset: bool = True  # asymmetric grids also learn their zero point (LSQ+)
+    learn_log_scale: bool = True  # learn log(scale) (TQT): relative Adam steps, scales stay > 0; false: scale itself (LSQ)
     lsq_grad_scale: bool = True  # LSQ's 1/sqrt(N*Qp) scale-gradient factor
     reestimate_bn: bool = False  # re-estimate unfolded BNs' running stats on the training data afterwards
     preserve: list[str] = field(default_factory=list)  # subset of [sparsity, clusters] kept by every step
