@@ -94,3 +94,15 @@ def test_sparsify_only_touches_matching_layers():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     reached = sparsify(model, "magnitude", sparsity=0.5, exclude=("2",))
     assert reached == {"0": 0.5} and bool((model[2].weight != 0).all())
+
+
+def test_distilling_fine_tuning_follows_the_uncompressed_model():
+    data, x = _mlp_data()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    config = TrainConfig(epochs=1, lr=0.05, loss="distill", temperature=2.0)
+    ctx = CompressContext(example_input=x[:1], train_data=data, train_config=config, sensitivity=False, progress=False)
+    result = compress_model(model, [{"method": "magnitude_sparsity", "sparsity": 0.75, "finetune": True}], ctx)
+    history = result.steps[0]["finetune"]["history"]
+    assert history[0]["distill_loss"] > 0 and 0 <= history[0]["teacher_agreement"] <= 100
+    assert float((result.model.get_submodule("0").weight == 0).float().mean()) == 0.75

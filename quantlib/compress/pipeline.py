@@ -224,12 +224,14 @@ class CompressResult:
     structure: tuple[str, ...]
 
 
-def _finetune(model: nn.Module, ctx: CompressContext, hooks: list[Hook]) -> dict[str, Any]:
+def _finetune(model: nn.Module, teacher: nn.Module | None, ctx: CompressContext, hooks: list[Hook]) -> dict[str, Any]:
+    """Train ``model`` in place; a distilling ``train_config.loss`` follows ``teacher``, the prepared uncompressed model."""
     from ..qat.trainer import train
 
     if ctx.train_data is None or ctx.train_config is None:
         raise CompressConfigError("finetune=true needs training data and a TrainConfig (compress.finetune settings)")
-    report = train(model, ctx.train_data, ctx.train_config, step_hooks=hooks, progress=ctx.progress, device=ctx.device)
+    report = train(model, ctx.train_data, ctx.train_config, teacher=teacher, step_hooks=hooks, progress=ctx.progress,
+                   device=ctx.device)
     return report.to_dict()
 
 
@@ -242,6 +244,8 @@ def compress_model(model: nn.Module, steps: Sequence[Any], ctx: CompressContext,
     registry = registry or default_methods()
     configs = [s if not isinstance(s, dict) else parse_step(s, i) for i, s in enumerate(steps)]
     current = prepare_for_compression(model, ctx.example_input)
+    distill = ctx.train_config is not None and ctx.train_config.uses_teacher
+    teacher = copy.deepcopy(current) if distill else None  # the uncompressed model (handlers mutate theirs)
     structure: set[str] = set()
     reports, panels = [], []
     for index, step in enumerate(configs):
@@ -251,7 +255,7 @@ def compress_model(model: nn.Module, steps: Sequence[Any], ctx: CompressContext,
         report = {"method": step.method, **outcome.report}
         if step.finetune:
             hooks = ([structure_preserver(current, sorted(structure))] if structure else []) + outcome.hooks
-            report["finetune"] = _finetune(current, ctx, hooks)
+            report["finetune"] = _finetune(current, teacher, ctx, hooks)
         if outcome.finish is not None:
             outcome.finish(current)
         structure |= step.structure
