@@ -158,7 +158,7 @@ MNIST_RESNET18 = ModelCard(
 MNIST_MOBILENETV2_100 = ModelCard(
     name="mnist_mobilenetv2_100",
     architecture=ArchitectureSource(kind="local", name="zoo.models.mnist:mnist_mobilenetv2_100"),
-    weights=_hub("mnist_mobilenetv2_100", "e82c632a6e001a0681254312f55cff96a821d88475979444d17e886378b97ed7"),
+    weights=_hub("mnist_mobilenetv2_100", "188c6b16fb2be9f5f7a6dc16a7d917d65ea3a0df53732bac12b771a3fbf93968"),
     training=TrainingRecipe(
         seed=0, epochs=10, batch_size=32, lr=0.05, optimizer="sgd", weight_decay=5e-4,
         translate=1, warmup_epochs=0.25,
