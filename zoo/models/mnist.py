@@ -145,7 +145,7 @@ MNIST_CNN = ModelCard(
 MNIST_RESNET18 = ModelCard(
     name="mnist_resnet18",
     architecture=ArchitectureSource(kind="local", name="zoo.models.mnist:mnist_resnet18"),
-    weights=_hub("mnist_resnet18", "c2dc2817a1eb5c663ced418676ac596db3fcf08b604e86e8477c42f0f0e4c3a9"),
+    weights=_hub("mnist_resnet18", "697447c635833225a7b6e5e512317f29122bc33b2d36b887f74b1cd3b1436412"),
     training=TrainingRecipe(
         seed=0, epochs=2, batch_size=16, lr=0.003, optimizer="adamw", weight_decay=0.01,
         translate=1, warmup_epochs=0.25,
