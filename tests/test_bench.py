@@ -1,5 +1,6 @@
 """`quantzoo bench`: measurement primitives, the CSV (columns, atomic concurrent appends), the torch
-and ONNX Runtime stages on a tiny model, and the CLI on digits_mlp.
+and ONNX Runtime stages on a tiny model, the peer side by side with ONNX Runtime's quantize_static,
+the generated summary, and the CLI on digits_mlp.
 
 Speed figures come from `quantzoo bench` itself; these tests check what is measured and how it is
 recorded, never how fast anything is.
@@ -7,11 +8,14 @@ recorded, never how fast anything is.
 
 from __future__ import annotations
 
+import collections
 import csv
+import json
 import multiprocessing
 import time
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -21,10 +25,12 @@ from zoo.cli import main
 from zoo.cli.bench_machine import machine_info, machine_slug
 from zoo.cli.bench_measure import PeakRss, Stat, calls_for, timed_repeats
 from zoo.cli.bench_ort import export_fp32_onnx, measure_ort, ort_provider, save_inputs
+from zoo.cli.bench_peer import PEER_METHODS, BatchReader, PeerSettings, peer_stage, quantize_with_ort
 from zoo.cli.bench_report import COLUMNS, BenchCsvError, BenchRow, append_csv, format_table, read_rows, row_dicts
 from zoo.cli.bench_run import compose_recipe
-from zoo.cli.bench_torch import TorchBench
-from zoo.cli.run import recipe_datasets
+from zoo.cli.bench_summary import parse_csv, render_summary, verdict
+from zoo.cli.bench_torch import BenchConfigError, TorchBench
+from zoo.cli.run import quant_config, recipe_datasets
 from zoo.registry import default_registry
 
 MACHINE = {"machine": "m", "cpu": "CPU, with comma", "cpu_count": 2, "load_avg_1m": 0.5}
@@ -219,6 +225,8 @@ def test_bench_without_cuda_skips_cleanly(tmp_path, capsys):
     (["qat.enabled=true"], "qat.enabled=true"),
     (["checkpoint=download"], "checkpoint=download"),
     (["quant.weight_bitz=4"], "weight_bitz"),
+    (["--peer", "--peer-methods", "MinMax,KL"], "--peer-methods=MinMax,KL"),
+    (["quant.weight_bits=4", "--peer"], "quant.weight_bits=4"),
 ])
 def test_bench_refuses_bad_requests_in_one_line(args, message, tmp_path, capsys):
     assert main(["bench", "digits_mlp/w8a8_per_channel", *args, "--out", str(tmp_path)]) == 2
@@ -250,3 +258,113 @@ def test_bench_digits_mlp_end_to_end(tmp_path, capsys):
     assert got[("cpu", "torch_calibrate", "time_per_sample")]["samples"] == str(len(calibration))
     assert got[("cpu", "onnx_int8", "throughput_b32")]["samples"] == "32"
     assert len({r["bench_id"] for r in rows}) == 1 and {r["recipe"] for r in rows} == {"w8a8_per_channel"}
+
+
+def test_peer_settings_follow_the_recipe():
+    """W8A8 per-channel: asymmetric uint8 activations, symmetric int8 per-channel weights; W4 is refused."""
+    per_channel = PeerSettings.from_quant_config(quant_config(compose_recipe("digits_mlp/w8a8_per_channel")["quant"]))
+    assert per_channel == PeerSettings("QUInt8", "QInt8", activation_symmetric=False, weight_symmetric=True,
+                                       per_channel=True)
+    per_tensor = PeerSettings.from_quant_config(quant_config(compose_recipe("digits_mlp/w8a8_per_tensor")["quant"]))
+    assert not per_tensor.per_channel
+    with pytest.raises(BenchConfigError, match=r"quant.weight_bits=4 .*w8a8_per_channel"):
+        PeerSettings.from_quant_config(quant_config(compose_recipe("digits_mlp/w4a8")["quant"]))
+
+
+def test_batch_reader_serves_strides_then_rewinds():
+    batches = [np.full((2, 1), float(i)) for i in range(3)]
+    reader = BatchReader(batches, "input")
+    assert len(reader) == 3
+    reader.set_range(1, 2)
+    got = reader.get_next()
+    assert list(got) == ["input"] and got["input"].dtype == np.float32 and got["input"][0, 0] == 1.0
+    assert reader.get_next() is None
+    reader.rewind()
+    assert [reader.get_next()["input"][0, 0] for _ in range(3)] == [0.0, 1.0, 2.0] and reader.get_next() is None
+
+
+def test_quantize_static_makes_a_per_channel_qdq_model_per_method(tiny, tmp_path):
+    """Each calibrate method gives a QDQ model with one weight scale per output channel, close to FP32."""
+    model, calibration, evaluation = tiny
+    fp32 = export_fp32_onnx(model, calibration[0][0][:1], tmp_path / "fp32.onnx")
+    settings = PeerSettings("QUInt8", "QInt8", activation_symmetric=False, weight_symmetric=True, per_channel=True)
+    reader = BatchReader([images.numpy() for images, _ in calibration], "input")
+    scales = {}
+    for method in PEER_METHODS:
+        out = quantize_with_ort(fp32, reader, method, settings, tmp_path / f"{method}.onnx")
+        graph = onnx.load(str(out)).graph
+        ops = collections.Counter(node.op_type for node in graph.node)
+        assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 5, (method, ops)
+        assert "BatchNormalization" not in ops  # quant_pre_process folded it, as quantzoo's recipe does
+        arrays = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        per_channel = {a.shape for name, a in arrays.items() if name.endswith("_scale") and a.ndim == 1}
+        assert per_channel == {(8,), (10,)}  # conv1, conv2: 8 output channels; fc: 10
+        scales[method] = sorted(float(a) for name, a in arrays.items() if name.endswith("_scale") and a.ndim == 0)
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        (logits,) = session.run(None, {"input": evaluation[0].numpy()})
+        with torch.no_grad():
+            reference = model(evaluation[0]).numpy()
+        assert np.abs(logits - reference).max() < 0.1 * np.abs(reference).max()  # int8 close to FP32, not equal
+    assert scales["MinMax"] != scales["Percentile"]  # the method reaches the calibrator (Percentile clips the tails)
+
+
+def _peer_rows(ours: float, peers: dict[str, float], samples: int = 750) -> list[dict[str, str]]:
+    rows = [BenchRow("cpu", "onnx_int8", "top1", "%", Stat.single(ours), samples=samples, note="95% CI 1..2")]
+    rows += [BenchRow("cpu", peer_stage(m), "top1", "%", Stat.single(v), samples=samples, note="95% CI 1..2")
+             for m, v in peers.items()]
+    rows += [BenchRow("cpu", peer_stage(m), "quantize_time", "s", Stat.single(3.0), samples=250, note="n")
+             for m in peers]
+    return row_dicts(rows, model="m", recipe="r", machine=MACHINE, bench_id="b", measured_at="t")
+
+
+def test_verdict_says_plainly_when_ours_is_worse():
+    worse = verdict(_peer_rows(80.0, {"MinMax": 79.6, "Entropy": 80.4, "Percentile": 80.2}))
+    assert worse.startswith("**Ours is worse**") and "best (Entropy) 80.40%" in worse and "-0.40 points (3 of 750" in worse
+    tie = verdict(_peer_rows(80.4, {"MinMax": 79.6, "Entropy": 80.4}))
+    assert tie.startswith("**Ours is at least as good**") and "+0.00 points" in tie
+
+
+def test_summary_shows_the_newest_bench_and_is_deterministic():
+    old = _peer_rows(79.0, {"MinMax": 80.0})
+    new = [{**r, "bench_id": "b2", "measured_at": "u", "median": "81" if r["stage"] == "onnx_int8" else r["median"]}
+           for r in old]
+    text = render_summary(old + new, "m")
+    assert text == render_summary(old + new, "m") and text.endswith("\n") and "## m / r" in text
+    assert "bench `b2`" in text and "bench `b`" not in text and "**Ours is at least as good**: 81.00%" in text
+    assert "| ORT quantize_static, MinMax | 80.00 | 1..2 |" in text
+
+
+def test_bench_peer_digits_mlp_end_to_end(monkeypatch, tmp_path, capsys):
+    """--peer on digits_mlp: ours and every quantize_static method scored on the whole eval split, in the CSV and .md.
+
+    Ours is the same int8 ONNX model `quantzoo run` exports, so its bench accuracy equals the run record's.
+    """
+    monkeypatch.chdir(tmp_path)
+    main(["run", "digits_mlp/w8a8_per_channel", "hydra.run.dir=.", "evaluator.progress=false"])
+    (record_path,) = (tmp_path / "results" / "runs").glob("*.json")
+    record = json.loads(record_path.read_text())
+    capsys.readouterr()
+
+    assert main(["bench", "digits_mlp/w8a8_per_channel", "--repeats", "1", "--samples", "32", "--devices", "cpu",
+                 "--peer", "--out", str(tmp_path / "bench")]) == 0
+    out = capsys.readouterr().out
+    (path,) = (tmp_path / "bench").glob("*.csv")
+    got = {(r["stage"], r["metric"]): r for r in read_rows(path)}
+    resolved = compose_recipe("digits_mlp/w8a8_per_channel")
+    calibration, evaluation = recipe_datasets(default_registry().get("digits_mlp"), resolved["data"])
+    # the CSV keeps 6 significant digits; one image is 0.28 points
+    assert float(got[("onnx_int8", "top1")]["median"]) == pytest.approx(record["metrics"]["onnxruntime"]["top1"], abs=1e-3)
+    assert got[("onnx_int8", "top1")]["samples"] == str(len(evaluation))
+    assert float(got[("onnx_int8", "quantize_time")]["median"]) > 0
+    for method in PEER_METHODS:
+        stage = peer_stage(method)
+        assert got[(stage, "top1")]["samples"] == str(len(evaluation)), method
+        assert 90 < float(got[(stage, "top1")]["median"]) <= 100, method  # digits: int8 keeps FP32 accuracy
+        assert float(got[(stage, "quantize_time")]["median"]) > 0 and float(got[(stage, "file_size")]["median"]) > 0
+        assert got[(stage, "quantize_time")]["samples"] == str(len(calibration))
+        assert f"calibrate_method={method} QDQ per_channel=True" in got[(stage, "quantize_time")]["note"]
+        assert f"| ORT quantize_static, {method} |" in out
+    assert "**Ours is" in out
+    summary = path.with_suffix(".md").read_text()
+    assert summary == render_summary(parse_csv(path.read_text()), path.stem)
+    assert "### Ours against ONNX Runtime `quantize_static`" in summary and verdict(read_rows(path)) in summary

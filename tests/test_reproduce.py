@@ -1,8 +1,10 @@
 """`quantzoo reproduce`: the comparison rules, the record lookup, and real re-runs.
 
 The quick end-to-end test runs digits_mlp twice (run, then reproduce) on the CPU and requires
-identical metrics and identical artifact sha256; the committed EfficientNet-Lite0 records are
-reproduced behind the ``slow`` marker.
+identical metrics and identical artifact sha256. Every committed record in results/runs is
+reproduced by one parametrized test: the quick ones (:func:`_quick`: digits_mlp, and mnist_cnn
+plain PTQ) in CI, the others (EfficientNet-Lite0, QAT, compression, PTQ passes) behind the
+``slow`` marker.
 """
 
 from __future__ import annotations
@@ -21,6 +23,21 @@ from zoo.cli.reproduce_run import ReproduceError, explain_artifact_difference, f
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = sorted((REPO / "results" / "runs").glob("*.json"))
+QUICK_MODELS = ("digits_mlp",)  # seconds per run, whatever the recipe
+PLAIN_PTQ_MODELS: tuple[str, ...] = ()  # e.g. ("mnist_cnn",): tens of seconds each, kept out of CI for its time budget
+
+
+def _quick(record_path: Path) -> bool:
+    """True for a record that reproduces in seconds on 2 CPU cores: a QUICK_MODELS model, or plain PTQ
+    (no PTQ steps, QAT or compression) of a PLAIN_PTQ_MODELS model."""
+    record = json.loads(record_path.read_text())
+    config = record["provenance"]["config"]
+    plain = (not config["ptq"]["steps"] and not (config.get("qat") or {}).get("enabled")
+             and not (config.get("compress") or {}).get("steps"))
+    return record["model"] in QUICK_MODELS or (record["model"] in PLAIN_PTQ_MODELS and plain)
+
+
+COMMITTED_PARAMS = [pytest.param(p, id=p.stem, marks=() if _quick(p) else pytest.mark.slow) for p in COMMITTED]
 
 
 def _record(run_id: str = "m__r__20260101T000000Z__00000000", top1: float = 80.0) -> dict:
@@ -247,9 +264,18 @@ def test_same_recipe_twice_on_the_cpu_is_identical(monkeypatch, tmp_path, capsys
         assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in metrics.items() if k != "seconds"}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("record_path", COMMITTED, ids=[p.stem for p in COMMITTED])
+def test_a_quick_committed_record_runs_in_ci():
+    """The split of the next test: at least one committed record is quick, and EfficientNet-Lite0 never is."""
+    if not COMMITTED:
+        pytest.skip("no committed record")
+    quick = [p for p in COMMITTED if _quick(p)]
+    assert quick, "no committed digits_mlp or plain-PTQ mnist_cnn record; commit one so CI reproduces a record"
+    assert not [p.name for p in quick if p.name.startswith("efficientnet_lite0__")]
+
+
+@pytest.mark.parametrize("record_path", COMMITTED_PARAMS)
 def test_every_committed_record_reproduces(record_path, tmp_path, capsys):
+    """`quantzoo reproduce RUN_ID` passes: exact on the recording environment, within the tolerance elsewhere."""
     record = json.loads(record_path.read_text())
     overrides = []
     data_dir = os.environ.get("QUANTZOO_DATA_DIR")

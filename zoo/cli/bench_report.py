@@ -19,7 +19,7 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from filelock import FileLock
 
@@ -91,12 +91,15 @@ def _csv_text(rows: Sequence[dict[str, str]], *, header: bool) -> str:
     return buffer.getvalue()
 
 
-def append_csv(path: str | Path, rows: Sequence[dict[str, str]], *, timeout: float = LOCK_TIMEOUT_S) -> Path:
+def append_csv(path: str | Path, rows: Sequence[dict[str, str]], *, timeout: float = LOCK_TIMEOUT_S,
+               then: Callable[[str], None] | None = None) -> Path:
     """Append ``rows`` (dicts with exactly :data:`COLUMNS`) to the CSV at ``path``; returns the path.
 
     Creates the file with a header when it does not exist. Raises :class:`BenchCsvError` when
     the existing header is not :data:`COLUMNS` (a file from another quantzoo version) or when
-    the lock is not acquired within ``timeout`` seconds.
+    the lock is not acquired within ``timeout`` seconds. ``then`` is called with the new text of
+    the whole CSV while the lock is still held, so a view rendered from it (the bench summary)
+    always matches the CSV even when benches append at once.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +113,10 @@ def append_csv(path: str | Path, rows: Sequence[dict[str, str]], *, timeout: flo
                                         f"{','.join(COLUMNS)}; move the file aside or pass --out DIR")
                 if not existing.endswith("\n"):
                     existing += "\n"
-            atomic_write_text(path, existing + _csv_text(rows, header=not existing))
+            text = existing + _csv_text(rows, header=not existing)
+            atomic_write_text(path, text)
+            if then is not None:
+                then(text)
     except TimeoutError:  # filelock.Timeout subclasses TimeoutError
         raise BenchCsvError(f"{path}.lock stayed locked for {timeout:.0f} s; another bench is stuck writing "
                             f"{path.name}: stop it, or delete the lock file if no bench is running") from None

@@ -9,9 +9,14 @@ median, min and max of ``repeats`` timed repeats after a warm-up:
 * ONNX Runtime, on each device with a provider (:mod:`zoo.cli.bench_ort`): batch-1 latency,
   batch-32 throughput and the peak resident memory of a fresh process serving the FP32 model
   and quantzoo's int8 QDQ model;
-* the file sizes of the FP32 ONNX, int8 ONNX, integer-weight safetensors and encodings files.
+* the file sizes of the FP32 ONNX, int8 ONNX, integer-weight safetensors and encodings files;
+* with ``peer_methods`` (`quantzoo bench --peer`): ONNX Runtime's own ``quantize_static`` on the
+  same FP32 ONNX model and calibration images, one model per calibrate method
+  (:mod:`zoo.cli.bench_peer`), scored by the same evaluator on the recipe's whole eval split next
+  to quantzoo's int8 model and the FP32 model, with each one's quantization time.
 
-Rows are appended to ``<out_dir>/<machine slug>.csv`` (:mod:`zoo.cli.bench_report`). A device
+Rows are appended to ``<out_dir>/<machine slug>.csv`` (:mod:`zoo.cli.bench_report`), and
+``<out_dir>/<machine slug>.md`` is re-rendered from the whole CSV (:mod:`zoo.cli.bench_summary`). A device
 that is not there (no CUDA, or no CUDA provider in onnxruntime) is skipped and the reason is
 returned; when no requested device is there, nothing is measured or written.
 """
@@ -27,13 +32,16 @@ from typing import Any, Sequence
 
 import torch
 
+from quantlib.io import atomic_write_text
 from zoo.builder import build_fp32_model
 from zoo.registry import default_registry
 
 from .bench_machine import machine_info
 from .bench_measure import Stat
 from .bench_ort import export_fp32_onnx, measure_ort, ort_provider, save_inputs
+from .bench_peer import PeerSettings, accuracy_rows, check_methods, onnx_accuracy, run_peers
 from .bench_report import BenchRow, append_csv, format_table, row_dicts
+from .bench_summary import parse_csv, peer_section, render_summary
 from .bench_torch import BenchConfigError, TorchBench
 from .run import quant_config, recipe_datasets, resolve_config
 
@@ -54,11 +62,16 @@ class BenchResult:
     skipped: list[str] = field(default_factory=list)
 
     def table(self) -> str:
-        """The printed summary: machine, torch stages, ONNX Runtime FP32 vs int8, skips, CSV path."""
+        """The printed summary: machine, torch stages, ONNX Runtime FP32 vs int8, the peer comparison, skips, CSV path."""
         m = self.machine
         title = (f"{self.model}/{self.recipe} on {m['machine']} ({m['cpu']}, {m['cpu_count']} cores, "
                  f"{m['torch_threads']} torch threads, load average {m.get('load_avg_1m')} at start)")
         lines = [format_table(self.rows, title=title)]
+        if self.csv_path is not None:
+            as_csv = row_dicts(self.rows, model=self.model, recipe=self.recipe, machine=self.machine,
+                               bench_id=self.bench_id or "", measured_at="")
+            peer = peer_section(as_csv, self.recipe)
+            lines += ["", *peer] if peer else []
         lines += [f"skipped: {reason}" for reason in self.skipped]
         lines.append(f"csv: {self.csv_path} (bench_id {self.bench_id})" if self.csv_path
                      else "nothing measured; no csv written")
@@ -119,6 +132,34 @@ def _size_rows(files: dict[str, Path]) -> list[BenchRow]:
             for stage, path in files.items()]
 
 
+def _quantize_time(rows: Sequence[BenchRow], device: str) -> BenchRow | None:
+    """quantzoo's own quantization time on ``device``: the torch quantize and export stages added up."""
+    parts = [next((r for r in rows if (r.device, r.stage, r.metric) == (device, stage, "seconds")), None)
+             for stage in ("torch_quantize", "torch_export")]
+    if None in parts:
+        return None
+    total = Stat(*(sum(getattr(p.stat, f) for p in parts) for f in ("median", "min", "max")),
+                 min(p.stat.repeats for p in parts))
+    return BenchRow("cpu", "onnx_int8", "quantize_time", "s", total, samples=parts[0].samples,
+                    note=f"torch_quantize + torch_export on {device} (QuantSim build, calibration, PTQ steps, "
+                         f"QDQ ONNX export), each the median of its repeats after a warm-up")
+
+
+def _peer_rows(rows: Sequence[BenchRow], models: dict[str, Path], cal_batches, evaluation, *, settings: PeerSettings,
+               methods: Sequence[str], repeats: int, ev: dict[str, Any], device: str, work: Path) -> list[BenchRow]:
+    """Accuracy of the FP32 and quantzoo int8 ONNX models, quantzoo's quantization time, and each peer's rows."""
+    out = []
+    for stage, path in models.items():
+        out += accuracy_rows(stage, onnx_accuracy(path, evaluation, batch_size=ev["batch_size"],
+                                                  num_workers=ev["num_workers"]))
+    ours = _quantize_time(rows, device)
+    if ours is not None:
+        out.append(ours)
+    return out + run_peers(models["onnx_fp32"], [images for images, _ in cal_batches], evaluation, settings=settings,
+                           methods=methods, repeats=repeats, eval_batch_size=ev["batch_size"], work=work,
+                           num_workers=ev["num_workers"])
+
+
 def _ort_rows(models: dict[str, Path], inputs: Path, device: str, provider: str, repeats: int) -> list[BenchRow]:
     rows = []
     for stage, path in models.items():
@@ -134,14 +175,23 @@ def _ort_rows(models: dict[str, Path], inputs: Path, device: str, provider: str,
 
 
 def bench(target: str, *, overrides: Sequence[str] = (), repeats: int = 3, samples: int = 128,
-          devices: Sequence[str] = DEVICES, out_dir: str | Path = "results/bench") -> BenchResult:
+          devices: Sequence[str] = DEVICES, out_dir: str | Path = "results/bench",
+          peer_methods: Sequence[str] | None = None, peer_repeats: int = 1) -> BenchResult:
     """Benchmark ``MODEL/RECIPE``; appends its rows to ``<out_dir>/<machine>.csv`` and returns them.
 
     ``samples``: eval images per torch throughput pass (the first ones of the eval split; the
     first 32 of them feed ONNX Runtime). The calibration split is the recipe's, whole.
+    ``peer_methods`` (None: no peer) lists the ``quantize_static`` calibrate methods to compare
+    with, each timed ``peer_repeats`` times; accuracy is over the recipe's whole eval split.
     """
     resolved = compose_recipe(target, overrides)
     devices = check_request(resolved, devices, repeats, samples)
+    settings = None
+    if peer_methods is not None:
+        peer_methods = check_methods(peer_methods)
+        if peer_repeats < 1:
+            raise BenchConfigError(f"--peer-repeats={peer_repeats} must be >= 1")
+        settings = PeerSettings.from_quant_config(quant_config(resolved["quant"]))
     card = default_registry().get(resolved["model"]["name"])
     machine = machine_info()
     available = [d for d in devices if d != "cuda" or torch.cuda.is_available()]
@@ -178,10 +228,15 @@ def bench(target: str, *, overrides: Sequence[str] = (), repeats: int = 3, sampl
                 skipped.append(f"onnxruntime on {device}: {reason}")
             else:
                 rows += _ort_rows(models, inputs, device, provider, repeats)
+        if settings is not None:
+            rows += _peer_rows(rows, models, cal_batches, evaluation, settings=settings, methods=peer_methods,
+                               repeats=peer_repeats, ev=ev, device=available[0], work=work)
 
     now = _dt.datetime.now(_dt.timezone.utc)
     bench_id = f"{now:%Y%m%dT%H%M%SZ}__{uuid.uuid4().hex[:8]}"
+    summary = Path(out_dir) / f"{machine['machine']}.md"
     csv_path = append_csv(Path(out_dir) / f"{machine['machine']}.csv",
                           row_dicts(rows, model=card.name, recipe=resolved["recipe"], machine=machine,
-                                    bench_id=bench_id, measured_at=f"{now:%Y-%m-%dT%H:%M:%SZ}"))
+                                    bench_id=bench_id, measured_at=f"{now:%Y-%m-%dT%H:%M:%SZ}"),
+                          then=lambda text: atomic_write_text(summary, render_summary(parse_csv(text), machine["machine"])))
     return BenchResult(card.name, resolved["recipe"], rows, machine, csv_path, bench_id, skipped)

@@ -194,6 +194,9 @@ def render_readme(rows: Sequence[ResultRow], cards: Mapping[str, ModelCard], *, 
         "the eval images. *Size* is the exported integer-weight file; *GBOPs* are 10^9 bit-operations "
         "(MACs × weight bits × activation bits) per inference, blank for records without a `cost` block.",
         "",
+        "Speed, memory, file sizes and the accuracy of ONNX Runtime's own `quantize_static` next to ours: "
+        "[`bench/`](bench/), one page per machine (`<machine>.md`), written by `quantzoo bench MODEL/RECIPE --peer`.",
+        "",
     ]
     if not rows:
         lines += ["No run records yet: `quantzoo run MODEL/RECIPE`, then `quantzoo table`.", ""]
