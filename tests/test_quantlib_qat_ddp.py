@@ -4,7 +4,8 @@ The fast test trains the digits MLP (4-bit weights and activations, learned rang
 for the first steps, distillation plus task loss) in two torchrun processes and in this process.
 Each rank keeps its half of every batch and DDP averages the gradients, so the two runs take the
 same steps up to float summation order: the accuracy must agree within 0.5 points and the
-weights closely. The slow test does the same through ``quantzoo run mnist_cnn/qat_w4a4``.
+weights closely. The slow test does the same through ``quantzoo run digits_mlp/qat_w4a4`` and checks
+that only rank 0 evaluates, exports and writes the run record.
 """
 
 from __future__ import annotations
@@ -84,17 +85,29 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         assert theirs["loss"] == pytest.approx(ours["loss"], rel=1e-5)
 
 
+def _quantzoo_script() -> str:
+    """The installed ``quantzoo`` console script (torchrun runs a script, and ``zoo.cli`` has no ``__main__``)."""
+    script = Path(sys.executable).with_name("quantzoo")
+    assert script.exists(), f"{script} is missing; pip install -e . puts the quantzoo script next to {sys.executable}"
+    return str(script)
+
+
 @pytest.mark.slow
 def test_quantzoo_run_under_torchrun_matches_a_single_process_run(tmp_path):
     """Two gloo processes through the CLI write one record whose accuracy is within 0.5 points of one process."""
-    common = ["mnist_cnn/qat_w4a4", "hydra.run.dir=.", "evaluator.progress=false", "evaluator.onnxruntime=false"]
-    single = subprocess.run([sys.executable, "-m", "zoo.cli", "run", *common, "results_dir=single", "artifacts_dir=single_art"],
-                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1800)
+    common = ["run", "digits_mlp/qat_w4a4", "hydra.run.dir=.", "evaluator.progress=false", "evaluator.onnxruntime=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    single = subprocess.run([_quantzoo_script(), *common, "results_dir=single", "artifacts_dir=single_art"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert single.returncode == 0, single.stderr[-3000:]
-    result = _torchrun(["-m", "zoo.cli", "run", *common, "results_dir=ddp", "artifacts_dir=ddp_art"], tmp_path, timeout=1800)
+    result = _torchrun([_quantzoo_script(), *common, "results_dir=ddp", "artifacts_dir=ddp_art"], tmp_path, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     (one,) = [json.loads(p.read_text()) for p in (tmp_path / "single" / "runs").glob("*.json")]
-    (two,) = [json.loads(p.read_text()) for p in (tmp_path / "ddp" / "runs").glob("*.json")]  # rank 0 writes it alone
+    records = sorted((tmp_path / "ddp" / "runs").glob("*.json"))
+    assert len(records) == 1, f"rank 0 alone must write the record; got {[p.name for p in records]}"
+    two = json.loads(records[0].read_text())
+    exported = sorted(p.name for p in (tmp_path / "ddp_art").iterdir() if p.name != "qat")
+    assert exported == [two["run_id"]], exported  # one set of ONNX/encodings/safetensors, rank 0's
     assert one["qat"]["world_size"] == 1 and two["qat"]["world_size"] == 2
     assert two["qat"]["global_steps"] == one["qat"]["global_steps"]
     assert abs(one["metrics"]["quantsim"]["top1"] - two["metrics"]["quantsim"]["top1"]) <= 0.5

@@ -25,6 +25,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, *,
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if not history:
         raise ValueError("plot_training_curves needs at least one epoch of history")
@@ -46,6 +47,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: str | Path, *,
         rate_ax.annotate(f"{label} {value:.2f}", (epochs[0], value), fontsize=7, va="bottom")
     rate_ax.set_ylabel("%")
     rate_ax.set_xlabel("epoch")
+    rate_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     if rate_ax.get_legend_handles_labels()[0]:
         rate_ax.legend(fontsize=8)
     figure.suptitle(title, fontsize=10)

@@ -107,7 +107,8 @@ def _run_hydra(target: str, overrides: list[str]) -> int:
                 raise
             print(f"quantzoo: error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
-        print(format_summary(record))
+        if not record.get("rank_skipped"):
+            print(format_summary(record))
 
     app = hydra.main(config_path="pkg://recipes", config_name=f"{model}/{recipe}", version_base="1.3")(task)
     sys.argv = ["quantzoo run", *overrides]

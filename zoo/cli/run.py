@@ -45,6 +45,7 @@ from quantlib.config import ARITHMETIC_MODES, load_config
 from quantlib.export import export
 from quantlib.cost import model_cost
 from quantlib.ptq.pipeline import parse_steps
+from quantlib.qat.distributed import is_primary_process
 from zoo.builder import build_fp32_model, weights_sha256
 from zoo.card import ModelCard
 from zoo.hub import sha256_file
@@ -200,6 +201,10 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
 
         with timer.stage("qat"):
             qat_summary = run_qat(sim, fp32, resolved, calibration, record_dir, device, ev["progress"])
+    if not is_primary_process():
+        # A torchrun worker (RANK > 0) trained its shard of every batch; rank 0 holds the same
+        # weights and alone evaluates, exports and writes the record, so nothing is written twice.
+        return {"run_id": None, "rank_skipped": True}
     sim_result = evaluate(TorchBackend(sim.model, device), "quantsim")
 
     if published is None:
