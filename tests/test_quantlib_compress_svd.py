@@ -120,3 +120,67 @@ def test_least_squares_refit_of_the_second_factors_lowers_the_output_error():
         reference = model(held_out)
         errors = [float((m(held_out) - reference).norm() / reference.norm()) for m in (plain, refit)]
     assert errors[1] < 0.8 * errors[0], errors
+
+
+class _Pointwise(nn.Module):
+    """Inverted-residual-like stack of 1x1 convs (the layers reduced-rank regression re-fits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.pw = nn.Conv2d(12, 48, 1)
+        self.pwl = nn.Conv2d(48, 12, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + self.pwl(torch.relu(self.pw(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_reduced_rank_refit_of_both_factors_beats_the_second_factor_refit():
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 8, 8)
+    model = prepare_for_compression(_Pointwise().eval(), example)
+    # correlated inputs: the data-aware fit has something to exploit that the weight SVD ignores
+    mix = torch.randn(3, 3)
+    calibration = [torch.einsum("ij,bjhw->bihw", mix, torch.randn(16, 3, 8, 8)) for _ in range(4)]
+    held_out = torch.einsum("ij,bjhw->bihw", mix, torch.randn(32, 3, 8, 8))
+    space = SvdSpace(model, "weight_svd", example, include=("pw", "pwl", "fc"))
+    ratios = {"pw": 0.5, "pwl": 0.5, "fc": 0.6}
+    models = {kind: space.apply(ratios) for kind in ("none", "second", "both")}
+    fits = {kind: space.refit(models[kind], ratios, calibration, factors=kind) for kind in ("second", "both")}
+    assert {f["factors"] for f in fits["both"].values()} == {"both"}
+    assert all(fits["both"][n]["relative_error_after"] < fits["second"][n]["relative_error_after"] for n in ratios)
+    with torch.no_grad():
+        reference = model(held_out)
+        errors = {k: float((m(held_out) - reference).norm() / reference.norm()) for k, m in models.items()}
+    assert errors["both"] < errors["second"] < errors["none"], errors
+    with pytest.raises(ValueError, match="factors='all' is not supported"):
+        space.refit(models["none"], ratios, calibration, factors="all")
+
+
+def test_reduced_rank_refit_at_full_rank_keeps_the_layer_exact():
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 8, 8)
+    model = prepare_for_compression(_Pointwise().eval(), example)
+    space = SvdSpace(model, "weight_svd", example, include=("pw",))
+    compressed = space.apply({"pw": 0.5})
+    name = "pw"
+    full = factorize(model.get_submodule(name), "weight_svd", full_rank(model.get_submodule(name), "weight_svd"))
+    from quantlib.batchnorm_fold import set_submodule
+    from quantlib.compress.refit import RefitConfig, refit_low_rank
+    set_submodule(compressed, name, full)
+    stats = refit_low_rank(compressed, model, name, [torch.randn(8, 3, 8, 8) for _ in range(2)], RefitConfig(ridge=0.0))
+    held_out = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(compressed(held_out), model(held_out), atol=1e-4)
+    assert stats["relative_error_after"] < 1e-6
+
+
+def test_refit_factors_setting_is_checked_by_name():
+    from quantlib.compress.steps import CompressConfigError, parse_step
+
+    assert parse_step({"method": "spatial_svd", "refit": True, "refit_factors": "both"}).refit_factors == "both"
+    with pytest.raises(CompressConfigError, match=r"weight_svd.refit_factors='all' is not supported; use one of second, both"):
+        parse_step({"method": "weight_svd", "refit_factors": "all"})

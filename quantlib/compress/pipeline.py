@@ -130,7 +130,7 @@ def _svd(model: fx.GraphModule, step: SvdStep, ctx: CompressContext, index: int)
         if ctx.calibration is None:
             raise CompressConfigError(f"{step.method}.refit=true needs calibration data for the least-squares re-fit")
         fits = space.refit(model, selection.ratios, ctx.calibration,
-                           RefitConfig(step.positions_per_image, step.ridge, step.num_batches))
+                           RefitConfig(step.positions_per_image, step.ridge, step.num_batches), factors=step.refit_factors)
         for name, fit in fits.items():
             layers[name].update(fit)
     return StepOutcome(model, {"selection": selection.to_dict(), "layers": layers}, panel)

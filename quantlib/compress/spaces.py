@@ -20,11 +20,12 @@ from ..batchnorm_fold import set_submodule
 from .channel_pruning import ChannelPruningConfig, kept_channels, prune_channels
 from .channel_units import ChannelUnit, find_channel_units
 from .cost import layer_costs
-from .refit import RefitConfig, refit_layer
+from .refit import RefitConfig, low_rank_eligible, refit_layer, refit_low_rank
 from .layers import weight_layers
 from .svd import cost_per_rank, factorize, full_rank, rank_for_ratio, svd_eligible
 
 COST_METRICS = ("macs", "params")
+REFIT_FACTORS = ("second", "both")
 
 
 def _check_metric(metric: str) -> None:
@@ -101,16 +102,25 @@ class SvdSpace:
         return model
 
     def refit(self, model: nn.Module, ratios: Mapping[str, float], data: Iterable,
-              config: RefitConfig = RefitConfig()) -> dict[str, dict]:
-        """Least-squares re-fit of the second factor of every factorized layer of ``model`` (an :meth:`apply` result, mutated).
+              config: RefitConfig = RefitConfig(), *, factors: str = "second") -> dict[str, dict]:
+        """Least-squares re-fit of every factorized layer of ``model`` (an :meth:`apply` result, mutated).
 
-        In graph order, so each fit sees the error of the layers before it; targets are the
-        uncompressed layers' outputs in the space's model. Returns layer -> fit statistics.
+        ``factors="second"`` re-fits the second factor given the first (:func:`~quantlib.compress.refit.refit_layer`);
+        ``"both"`` re-fits both factors by reduced-rank regression (:func:`~quantlib.compress.refit.refit_low_rank`)
+        where the layer allows it (Linear, 1x1 conv) and the second factor elsewhere. In graph order,
+        so each fit sees the error of the layers before it; targets are the uncompressed layers'
+        outputs in the space's model. Returns layer -> fit statistics (with ``factors`` re-fit).
         """
+        if factors not in REFIT_FACTORS:
+            raise ValueError(f"factors={factors!r} is not supported; use one of {', '.join(REFIT_FACTORS)}")
         report = {}
         for name in self._layers:
             if name in ratios and self.rank(name, ratios[name]) is not None:
-                report[name] = refit_layer(model, self.model, f"{name}.1", data, config, target_name=name)
+                if factors == "both" and low_rank_eligible(self._modules[name]):
+                    report[name] = {**refit_low_rank(model, self.model, name, data, config), "factors": "both"}
+                else:
+                    report[name] = {**refit_layer(model, self.model, f"{name}.1", data, config, target_name=name),
+                                    "factors": "second"}
         return report
 
     def describe(self, ratios: Mapping[str, float]) -> dict[str, dict]:

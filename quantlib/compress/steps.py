@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .channel_pruning import IMPORTANCE_CRITERIA
-from .spaces import COST_METRICS
+from .spaces import COST_METRICS, REFIT_FACTORS
 
 SELECTIONS = ("greedy", "manual")
 SCHEDULES = ("one_shot", "polynomial")
@@ -73,12 +73,15 @@ class _Selected(_Common):
 class SvdStep(_Selected):
     """``weight_svd`` or ``spatial_svd`` (:mod:`quantlib.compress.svd`) with per-layer ratio selection.
 
-    ``refit``: after factorizing, re-fit each layer's second factor by least squares on calibration
-    data, in graph order (:meth:`quantlib.compress.spaces.SvdSpace.refit`; AIMET's SVD does not).
+    ``refit``: after factorizing, re-fit each factorized layer by least squares on calibration
+    data, in graph order (:meth:`quantlib.compress.spaces.SvdSpace.refit`; AIMET's SVD does not):
+    ``refit_factors=second`` the second factor given the first, ``both`` both factors by
+    reduced-rank regression where the layer is a 1x1 conv or linear (the second factor elsewhere).
     """
 
     method: str = "weight_svd"
     refit: bool = False
+    refit_factors: str = "second"
     positions_per_image: int = 16
     ridge: float = 1e-3
     num_batches: int | None = None
@@ -86,6 +89,7 @@ class SvdStep(_Selected):
     def __post_init__(self) -> None:
         _in(self.method, "method", self.method, ("weight_svd", "spatial_svd"))
         self._validate_selection(self.method)
+        _in(self.method, "refit_factors", self.refit_factors, REFIT_FACTORS)
 
 
 @dataclass(frozen=True)

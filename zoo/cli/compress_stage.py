@@ -112,8 +112,10 @@ def run_compression(fp32_model: nn.Module, resolved: dict[str, Any], calibration
         raise CompressStageError(str(err)) from None
     example = example_input.to(next(fp32_model.parameters()).device)
     greedy = conf["greedy"]
-    scoring = _first(calibration_dataset, greedy["num_samples"])
-    refit = DataLoader(_first(calibration_dataset, conf["refit_samples"]), batch_size=conf["refit_batch_size"], shuffle=False)
+    # decoded once: greedy scoring and the re-fit read these images once per candidate / per layer
+    scoring = cached(_first(calibration_dataset, greedy["num_samples"]))
+    refit = DataLoader(cached(_first(calibration_dataset, conf["refit_samples"])), batch_size=conf["refit_batch_size"],
+                       shuffle=False)
     train_data, train_config = (_train_data(resolved, conf["finetune"]) if any(s.finetune for s in steps) else (None, None))
     ctx = CompressContext(example_input=example, calibration=refit, eval_fn=_eval_fn(scoring, greedy, device),
                           train_data=train_data, train_config=train_config, sensitivity=greedy["sensitivity"],

@@ -178,7 +178,7 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
 
     base, compress_summary = fp32, None
     if resolved["compress"]["steps"]:
-        from .compress_stage import run_compression
+        from .compress_stage import quantized_structure, run_compression
 
         with timer.stage("compress"):
             base, compress_summary = run_compression(copy.deepcopy(fp32), resolved, calibration, example, record_dir,
@@ -206,6 +206,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
         # weights and alone evaluates, exports and writes the record, so nothing is written twice.
         return {"run_id": None, "rank_skipped": True}
     sim_result = evaluate(TorchBackend(sim.model, device), "quantsim")
+    if compress_summary is not None:
+        compress_summary["quantized"] = quantized_structure(sim, compress_summary)
 
     if published is None:
         artifacts_dir = Path(resolved["artifacts_dir"]) / run_id
