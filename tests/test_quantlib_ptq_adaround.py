@@ -239,3 +239,59 @@ def test_layers_are_reconstructed_after_the_activation_that_follows_them():
         nearest_mse[through] = result.layers[0].mse_nearest
     # errors on outputs that both models send below zero are removed by the ReLU
     assert nearest_mse[True] < 0.8 * nearest_mse[False]
+
+
+def test_the_per_channel_clamp_cle_leaves_for_relu6_is_the_activation_followed():
+    """After BN fold + CLE the ReLU6 of a depthwise block is a clamp with per-channel tensor bounds
+    (6 / s_i); the layer before it must be reconstructed through exactly that clamp."""
+    from quantlib.ptq.layer_cache import following_activation
+
+    try:
+        from quantlib_models import DepthwiseNet
+    except ImportError:  # tests/ imported as a package
+        from tests.quantlib_models import DepthwiseNet
+
+    torch.manual_seed(0)
+    model = DepthwiseNet().eval()
+    with torch.no_grad():
+        skew = torch.logspace(-1.5, 1.5, 8)
+        model.pw.weight.mul_(skew.reshape(-1, 1, 1, 1))
+        model.dw.weight.div_(skew.reshape(-1, 1, 1, 1))
+        model.bn.weight.uniform_(1.0, 4.0)  # the ReLU6 saturates on some inputs
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 4.0
+    sim, _ = prepare_quantsim(model, x, "per_channel", ["bn_fold", "cle"], [x], progress=False)
+    modules = dict(sim.model.named_modules())
+    nodes = {n.target: n for n in sim.model.graph.nodes if n.op == "call_module"}
+    clamp = next(iter(nodes["dw"].users))
+    assert clamp.target is torch.clamp  # CLE rewrote the ReLU6 into a per-channel clamp
+    act = following_activation(nodes["dw"], modules)
+    assert act is not None
+    low, high = (getattr(sim.model.cle_clip_bounds, a.target.split(".")[-1]) for a in clamp.args[1:3])
+    assert float(high.max() / high.min()) > 1.2  # the bounds really differ per channel
+    values = torch.randn(5, 8, 6, 6, generator=torch.Generator().manual_seed(1)) * 8.0
+    before = values.clone()
+    assert torch.equal(act(values), torch.clamp(values, low, high))
+    assert not torch.equal(act(values), torch.clamp(values, 0.0, 6.0))  # not a plain ReLU6
+    assert torch.equal(values, before)  # not modified in place
+
+
+def test_a_clamp_with_one_per_channel_bound_is_followed_as_written():
+    """``clamp(x, min=tensor)`` (no upper bound) is a per-channel clip too; torch.clamp refuses a
+    tensor next to a number, so the followed activation must still run."""
+    from quantlib.graph import trace
+    from quantlib.ptq.layer_cache import following_activation
+
+    class FloorNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 1)
+            self.register_buffer("floor", torch.tensor([-1.0, 0.0, 1.0]).reshape(3, 1, 1))
+
+        def forward(self, x):
+            return torch.clamp(self.conv(x), min=self.floor)
+
+    gm = trace(FloorNet().eval())
+    conv = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv")
+    act = following_activation(conv, dict(gm.named_modules()))
+    values = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3.0
+    assert torch.equal(act(values), torch.maximum(values, gm.floor))

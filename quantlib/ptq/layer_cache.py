@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from .layer_pairs import activation_of
 from .pass_config import PassConfigError, check_int, check_positive
 
 # dtypes that spill to .npy; anything else stays resident (rare: index tensors, bf16)
@@ -208,25 +209,48 @@ class LayerData:
         return self.store.device(self.input_key, 0)
 
 
+@dataclass(frozen=True, eq=False)
+class _Clip:
+    """``clamp(x, low, high)`` without touching ``x``; tensor bounds (one per channel) are viewed
+    along dim 1, the channel axis of conv and linear outputs."""
+
+    low: float | torch.Tensor
+    high: float | torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.low, torch.Tensor) and not isinstance(self.high, torch.Tensor):
+            return torch.clamp(x, self.low, self.high)
+        # torch.clamp takes two numbers or two tensors: a scalar bound next to a tensor one becomes a tensor
+        return torch.clamp(x, self._bound(self.low, x), self._bound(self.high, x))
+
+    @staticmethod
+    def _bound(bound: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(bound, torch.Tensor):
+            return torch.tensor(bound, dtype=x.dtype, device=x.device)
+        shape = (-1,) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (-1,)
+        return bound.to(x).reshape(shape)
+
+
 def following_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The ReLU, ReLU6 or Hardtanh that is the only user of ``node``'s output, as a function that
-    does not modify its argument (an in-place module would corrupt cached targets); None when the
-    output goes anywhere else. The AdaRound paper reconstructs layer outputs after this activation."""
+    """The ReLU or clip that is the only user of ``node``'s output, as a function that does not
+    modify its argument (an in-place module would corrupt cached targets); None when the output
+    goes anywhere else or the user is not a ReLU/clip. The AdaRound paper reconstructs layer
+    outputs after this activation.
+
+    Recognised as :func:`quantlib.ptq.layer_pairs.activation_of` does: ReLU, ReLU6, Hardtanh,
+    and ``clamp`` with scalar or per-channel tensor bounds (what CLE leaves for a ReLU6).
+    ``modules`` is ``dict(gm.named_modules())``; its ``""`` entry is where tensor bounds are read.
+    """
     users = list(node.users)
     if len(users) != 1 or not users[0].args or users[0].args[0] is not node:
         return None
-    user = users[0]
-    if user.op == "call_module":
-        module = modules.get(user.target)
-        if isinstance(module, nn.ReLU):
-            return F.relu
-        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
-            return functools.partial(torch.clamp, min=float(module.min_val), max=float(module.max_val))
+    activation = activation_of(users[0], modules)
+    if activation is None:
         return None
-    if (user.op == "call_function" and user.target in (F.relu, torch.relu)) or (user.op == "call_method" and user.target == "relu"):
+    if activation.kind == "relu":
         return F.relu
-    if user.op == "call_function" and user.target is F.relu6:
-        return functools.partial(torch.clamp, min=0.0, max=6.0)
+    if activation.is_clip:
+        return _Clip(activation.low, activation.high)
     return None
 
 
