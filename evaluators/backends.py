@@ -138,6 +138,17 @@ def onnxruntime_providers(device: str = "cpu", available: Sequence[str] | None =
     )
 
 
+def has_16bit_quantized_weights(model_path: str | os.PathLike) -> bool:
+    """True when a DequantizeLinear of ``model_path`` reads a 16-bit integer initializer (a weight)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    sixteen = {onnx.TensorProto.INT16, onnx.TensorProto.UINT16}
+    weights16 = {init.name for init in proto.graph.initializer if init.data_type in sixteen}
+    return any(node.op_type == "DequantizeLinear" and node.input and node.input[0] in weights16
+               for node in proto.graph.node)
+
+
 class OnnxRuntimeBackend:
     """Run an ONNX classification model with ONNX Runtime.
 
@@ -185,6 +196,11 @@ class OnnxRuntimeBackend:
                     f"evaluator.intra_op_num_threads={intra_op_num_threads} must be a positive integer or null"
                 )
             options.intra_op_num_threads = int(intra_op_num_threads)
+        if has_16bit_quantized_weights(path):
+            # ONNX Runtime's QDQ fusions treat a 16-bit weight DequantizeLinear feeding a Conv as
+            # 8-bit and compute wrong outputs (mnist_cnn W16A16: 75.9% against 98.4% unfused); the
+            # QDQ nodes then run as written.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.model_path = path
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         inputs = self.session.get_inputs()

@@ -177,6 +177,21 @@ def test_ort_matches_simulation_within_one_output_step(config, tmp_path_factory)
         assert diff <= tolerance(step, ref), (diff, step)
 
 
+def test_16bit_weights_match_simulation_through_the_evaluator_backend(tmp_path_factory):
+    """ORT's QDQ fusions get 16-bit conv weights wrong; OnnxRuntimeBackend turns them off for such models."""
+    from evaluators.backends import OnnxRuntimeBackend, has_16bit_quantized_weights
+
+    config = load_config("per_channel").with_defaults(weight={"bitwidth": 16}, activation={"bitwidth": 16})
+    sim, artifacts, _ = exported("w16a16", config, tmp_path_factory)
+    assert has_16bit_quantized_weights(artifacts.onnx)
+    backend = OnnxRuntimeBackend(artifacts.onnx)
+    step = output_quantizer_scale(sim)
+    for seed in (20, 21):
+        x = randn(4, 3, 8, 8, seed=seed)
+        ref = simulate(sim, x)
+        assert np.abs(backend.session.run(None, {"input": x.numpy()})[0] - ref).max() <= tolerance(step, ref)
+
+
 def test_w4a8_matches_simulation_when_biases_stay_float(tmp_path):
     """With float biases and ORT's fusions off, the W4A8 export also matches the simulation."""
     sim = prepare(build(ResBlockNet), (2, 3, 8, 8), CONFIGS["w4a8"])
