@@ -194,8 +194,7 @@ def _run_adaquant(context: PTQContext, config: AdaQuantStepConfig) -> dict[str, 
     sim = context.require_sim("adaquant")
     result = apply_adaquant(sim, context.calibration_data, config, progress=context.progress)
     if config.recalibrate:
-        sim.calibrate(context.calibration_data, forward_fn=context.forward_fn, progress=context.progress,
-                      desc="recalibrate")
+        context.recalibrate("adaquant")
     return {**result.summary(), "recalibrated": config.recalibrate}
 
 

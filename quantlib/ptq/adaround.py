@@ -264,8 +264,7 @@ def _run_adaround(context: PTQContext, config: AdaRoundStepConfig) -> dict[str, 
     sim = context.require_sim("adaround")
     result = apply_adaround(sim, context.calibration_data, config, progress=context.progress)
     if config.recalibrate:
-        sim.calibrate(context.calibration_data, forward_fn=context.forward_fn, progress=context.progress,
-                      desc="recalibrate")
+        context.recalibrate("adaround")
     return {**result.summary(), "recalibrated": config.recalibrate}
 
 

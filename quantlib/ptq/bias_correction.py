@@ -234,8 +234,7 @@ def _run_bias_correction(context: PTQContext, config: BiasCorrectionConfig) -> d
         result = correct_bias_analytical(sim, context.layer_output_stats)
         summary = result.summary()
     if config.recalibrate:
-        sim.calibrate(context.calibration_data, forward_fn=context.forward_fn, progress=context.progress,
-                      desc="recalibrate")
+        context.recalibrate("bias_correction")
     summary["recalibrated"] = config.recalibrate
     return summary
 

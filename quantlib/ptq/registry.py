@@ -88,6 +88,12 @@ class PTQContext:
         """Device of the working model."""
         return model_device(self.model)
 
+    def recalibrate(self, step: str) -> None:
+        """Recompute the QuantSim's activation encodings on the calibration data (frozen weight
+        encodings stay); ``step`` names the caller in the error when there is no QuantSim."""
+        self.require_sim(step).calibrate(self.calibration_data, forward_fn=self.forward_fn, progress=self.progress,
+                                         desc="recalibrate")
+
     def require_sim(self, step: str) -> Any:
         """The QuantSim, or an error saying that ``step`` is a sim-level step."""
         if self.sim is None:
