@@ -18,7 +18,9 @@ from quantlib.batchnorm_fold import fold_batch_norms
 from quantlib.graph import trace
 from quantlib.ptq.bias_correction import BiasCorrectionConfig, channel_mean, correct_bias_empirical
 from quantlib.ptq.bn_reestimation import reestimate_bn_stats
+from quantlib.ptq.lockstep import LayerIO, run_lockstep
 from quantlib.ptq.pipeline import prepare_quantsim
+from quantlib.ptq.quantizer_groups import fp32_reference
 from quantlib.ptq.registry import PTQConfigError
 from quantlib.quantsim import QuantSim
 
@@ -130,6 +132,30 @@ def test_empirical_correction_zeroes_each_layers_mean_shift_on_its_data(model):
         residual = channel_mean(quantized[name], axis) - channel_mean(fp32[name], axis)
         # what is left is the int32 bias grid's rounding, a small fraction of the corrected shift
         assert float(residual.abs().max()) < 0.1 * float(result.shifts[name].abs().max()), name
+
+
+def test_float_references_stay_fp32_after_bias_correction_and_adaround(model):
+    """Later passes compare with the float model the sim was built from, not with one that carries
+    an earlier pass's bias shifts or grid-valued weights (quantlib.ptq.float_parameters)."""
+    data = _batches(2, seed=4)
+    sim, _ = prepare_quantsim(model, data[0], _w4_per_tensor(),
+                              [{"name": "adaround", "num_iterations": 5, "num_samples": 32, "batch_size": 16},
+                               {"name": "bias_correction", "num_samples": 32}], data, progress=False)
+    folded = trace(copy.deepcopy(model))
+    fold_batch_norms(folded)
+    assert float(sim.model.c2.bias.detach().sub(folded.c2.bias.detach()).abs().max()) > 1e-3  # the sim's biases did move
+    with torch.no_grad():
+        assert torch.allclose(fp32_reference(sim)(data[0]), folded(data[0]), atol=1e-5)
+    seen = {}
+
+    def hook(io: LayerIO) -> None:
+        seen[io.name] = (io.fp32.weight, io.fp32.bias)
+
+    run_lockstep(sim.model, [(data[0],)], hook)
+    for name in ("c1", "c2", "c3", "fc"):
+        weight, bias = seen[name]
+        assert torch.equal(weight, folded.get_submodule(name).weight), name
+        assert torch.allclose(bias, folded.get_submodule(name).bias), name
 
 
 def test_bias_correction_config_is_validated():

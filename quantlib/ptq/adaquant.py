@@ -37,6 +37,7 @@ import torch
 
 from ..affine import expand_qparam, quantize
 from ..quantsim import QuantSim
+from .float_parameters import keep_float_bias
 from .layer_cache import LayerData
 from .layer_ops import ReconstructionBatches, reconstruction_mse
 from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise
@@ -169,6 +170,7 @@ def adaquant_layer(layer: LayerData, config: AdaQuantConfig, generator: torch.Ge
         freeze_weight_encoding(module, "adaquant")
         module.weight.copy_(new_weight.to(module.weight.dtype))
         if bias is not None:
+            keep_float_bias(module, bias.numel())
             module.bias.copy_(best[1].to(module.bias.dtype))
     return AdaQuantLayerResult(name=layer.name, bitwidth=wq.spec.bitwidth, iterations=total,
                                mse_before=mse_before, mse_after=best_mse, codes_changed=changed,

@@ -20,6 +20,14 @@ adaround, mixed_precision, ...) changes a copy of the best sim. ``settings`` hol
 step settings (``{adaround: {num_iterations: 500}}``); the mixed_precision rung's ``max_drop``
 defaults to ``target_drop``. Model-level rungs must come before sim-level rungs in the ladder.
 
+Corrective rungs (``PTQStep.corrective``: bias correction) fix up the quantization error of the
+sim they run on, so they go stale when a later rung changes that error: AdaRound re-rounds the
+weights, mixed precision changes bit-widths. A later sim-level rung is therefore applied to the
+sim *before* the kept corrections, the corrections are run again on its result, and the better of
+the two (with or without them) is the rung's candidate; the trial records both scores. Without
+this, AdaRound and mixed precision started from biases corrected for the nearest-rounded 4-bit
+error and scored far below what they give alone.
+
 When it ends, ``context.sim`` and ``context.model`` are the best state found (the first to meet
 the target, else the best-scoring one). The summary lists every trial with its score, seconds and
 its step's own summary. Because model-level rungs rebuild the sim from the working model, sim-level
@@ -100,40 +108,85 @@ class AutoQuantConfig:
 
 @dataclass
 class _State:
-    """A candidate result: the FP32 working model, its calibrated sim, BN stats and score."""
+    """A candidate result: the FP32 working model, its calibrated sim, BN stats and score.
+
+    ``uncorrected`` is the sim before the corrective rungs in ``corrections`` (bias correction)
+    were applied, ``sim`` the sim after them (the same object when there are none).
+    """
 
     model: fx.GraphModule
     sim: QuantSim
     layer_output_stats: dict[str, Any]
     score: float
     applied: list[str]
+    uncorrected: QuantSim
+    corrections: list[tuple[PTQStep, Any]] = field(default_factory=list)
 
 
-def _sub_context(context: PTQContext, state: _State, *, model: fx.GraphModule, sim: QuantSim | None,
-                 score_fn: Callable[[nn.Module], float], rung: str) -> PTQContext:
+def _sub_context(context: PTQContext, stats: dict[str, Any], *, model: fx.GraphModule, sim: QuantSim | None,
+                 score_fn: Callable[[nn.Module], float], plots: str) -> PTQContext:
     return PTQContext(
         fp32_model=context.fp32_model, model=model, example_input=context.example_input, config=context.config,
         calibration_data=context.calibration_data, forward_fn=context.forward_fn, progress=context.progress,
-        plots_dir=context.plots_dir / f"autoquant_{rung}" if context.plots_dir is not None else None,
-        layer_output_stats=copy.deepcopy(state.layer_output_stats), sim=sim, score_fn=score_fn)
+        plots_dir=context.plots_dir / f"autoquant_{plots}" if context.plots_dir is not None else None,
+        layer_output_stats=copy.deepcopy(stats), sim=sim, score_fn=score_fn)
+
+
+def _apply(context: PTQContext, model: fx.GraphModule, sim: QuantSim, stats: dict[str, Any], step: PTQStep,
+           step_config: Any, score_fn: Callable[[nn.Module], float], plots: str) -> tuple[PTQContext, dict[str, Any]]:
+    """Run a sim-level step on a copy of ``sim``; returns its context (holding the new sim) and summary."""
+    sub = _sub_context(context, stats, model=model, sim=copy.deepcopy(sim), score_fn=score_fn, plots=plots)
+    summary = step.run(sub, step_config)
+    context.plots.extend(sub.plots)
+    return sub, dict(summary or {})
 
 
 def _try_rung(context: PTQContext, state: _State, step: PTQStep, step_config: Any,
               score_fn: Callable[[nn.Module], float]) -> tuple[_State, dict[str, Any]]:
-    """Apply one rung to a copy of ``state``; returns the new state (scored) and the step's summary."""
+    """Apply one rung to a copy of ``state``; returns the new state (scored) and what the trial records.
+
+    A corrective rung goes on top of the state's sim. Any other sim-level rung goes on the sim
+    before the state's corrections (they were measured for the old quantization error), and the
+    corrections are then run again on its result; the corrections stay only if that scores higher.
+    """
     if step.phase == "model":
-        sub = _sub_context(context, state, model=copy.deepcopy(state.model), sim=None, score_fn=score_fn, rung=step.name)
-        summary = step.run(sub, step_config)
+        sub = _sub_context(context, state.layer_output_stats, model=copy.deepcopy(state.model), sim=None,
+                           score_fn=score_fn, plots=step.name)
+        summary = dict(step.run(sub, step_config) or {})
+        context.plots.extend(sub.plots)
         sub.sim = QuantSim(sub.model, context.example_input, context.config)
         sub.sim.calibrate(context.calibration_data, forward_fn=context.forward_fn, progress=context.progress)
-    else:
-        sub = _sub_context(context, state, model=state.model, sim=copy.deepcopy(state.sim), score_fn=score_fn,
-                           rung=step.name)
-        summary = step.run(sub, step_config)
-    context.plots.extend(sub.plots)
-    new = _State(model=sub.model, sim=sub.sim, layer_output_stats=sub.layer_output_stats,
-                 score=float(score_fn(sub.sim.model)), applied=[*state.applied, step.name])
-    return new, dict(summary or {})
+        new = _State(model=sub.model, sim=sub.sim, layer_output_stats=sub.layer_output_stats,
+                     score=float(score_fn(sub.sim.model)), applied=[*state.applied, step.name], uncorrected=sub.sim)
+        return new, {"summary": summary}
+    if step.corrective:
+        sub, summary = _apply(context, state.model, state.sim, state.layer_output_stats, step, step_config, score_fn,
+                              step.name)
+        new = _State(model=state.model, sim=sub.sim, layer_output_stats=sub.layer_output_stats,
+                     score=float(score_fn(sub.sim.model)), applied=[*state.applied, step.name],
+                     uncorrected=state.uncorrected, corrections=[*state.corrections, (step, step_config)])
+        return new, {"summary": summary}
+    names = [c.name for c, _ in state.corrections]
+    base_applied = [name for name in state.applied if name not in names]
+    base_stats = state.layer_output_stats
+    sub, summary = _apply(context, state.model, state.uncorrected, base_stats, step, step_config, score_fn, step.name)
+    plain = _State(model=state.model, sim=sub.sim, layer_output_stats=sub.layer_output_stats,
+                   score=float(score_fn(sub.sim.model)), applied=[*base_applied, step.name], uncorrected=sub.sim)
+    if not state.corrections:
+        return plain, {"summary": summary}
+    corrected, reapplied = plain, {}
+    for correction, correction_config in state.corrections:
+        fixed, reapplied[correction.name] = _apply(context, state.model, corrected.sim, corrected.layer_output_stats,
+                                                   correction, correction_config, score_fn,
+                                                   f"{step.name}_{correction.name}")
+        corrected = _State(model=state.model, sim=fixed.sim, layer_output_stats=fixed.layer_output_stats, score=0.0,
+                           applied=[*corrected.applied, correction.name], uncorrected=plain.sim,
+                           corrections=[*corrected.corrections, (correction, correction_config)])
+    corrected.score = float(score_fn(corrected.sim.model))
+    keep = corrected.score > plain.score
+    record = {"summary": summary, "reapplied": names, "score_without_reapplied": plain.score,
+              "score_with_reapplied": corrected.score, "reapplied_kept": keep, "reapplied_summaries": reapplied}
+    return (corrected if keep else plain), record
 
 
 def run_autoquant(caller: PTQContext, config: AutoQuantConfig) -> dict[str, Any]:
@@ -157,7 +210,7 @@ def run_autoquant(caller: PTQContext, config: AutoQuantConfig) -> dict[str, Any]
     target = fp32_score - config.target_drop
     start = time.perf_counter()
     best = _State(model=context.model, sim=sim, layer_output_stats=context.layer_output_stats,
-                  score=float(score_fn(sim.model)), applied=[])
+                  score=float(score_fn(sim.model)), applied=[], uncorrected=sim)
     trials: list[dict[str, Any]] = [{"rung": "baseline", "score": best.score, "kept": True,
                                      "seconds": round(time.perf_counter() - start, 3), "met": best.score >= target}]
     for step, step_config in rungs:
@@ -165,12 +218,11 @@ def run_autoquant(caller: PTQContext, config: AutoQuantConfig) -> dict[str, Any]
             trials.append({"rung": step.name, "tried": False, "reason": "target met before this rung"})
             continue
         start = time.perf_counter()
-        candidate, summary = _try_rung(context, best, step, step_config, scored)
+        candidate, record = _try_rung(context, best, step, step_config, scored)
         kept = config.keep_if_worse or candidate.score > best.score
         trials.append({"rung": step.name, "tried": True, "config": config_to_dict(step_config),
                        "score": candidate.score, "gain": candidate.score - best.score, "kept": kept,
-                       "met": candidate.score >= target, "seconds": round(time.perf_counter() - start, 3),
-                       "summary": summary})
+                       "met": candidate.score >= target, "seconds": round(time.perf_counter() - start, 3), **record})
         if kept:
             best = candidate
     caller.model, caller.sim, caller.layer_output_stats = best.model, best.sim, best.layer_output_stats

@@ -34,6 +34,7 @@ from ..qmodules import QuantizedWeightMixin
 from ..quantizer import FakeQuantizer
 from . import channels
 from .bn_stats import ChannelGaussian, expected_activation
+from .float_parameters import keep_float_bias
 from .layer_pairs import IDENTITY, activation_of, is_identity, is_zero_pad, module_call_counts
 from .lockstep import LayerIO, run_lockstep
 from .registry import PTQConfigError, PTQContext, PTQStep
@@ -92,7 +93,12 @@ def channel_axis(module: nn.Module) -> int:
 
 @torch.no_grad()
 def subtract_from_bias(module: nn.Module, shift: torch.Tensor) -> None:
-    """``module.bias -= shift`` (creates a zero bias first when the layer has none)."""
+    """``module.bias -= shift`` (creates a zero bias first when the layer has none).
+
+    The bias before the first correction is kept (:func:`~quantlib.ptq.float_parameters.keep_float_bias`)
+    so later passes still compare with the float model.
+    """
+    keep_float_bias(module, shift.numel())
     if module.bias is None:
         module.bias = nn.Parameter(torch.zeros_like(shift).to(module.weight))
     module.bias.sub_(shift.to(module.bias))
@@ -241,5 +247,5 @@ def _run_bias_correction(context: PTQContext, config: BiasCorrectionConfig) -> d
 
 STEPS = (
     PTQStep(name="bias_correction", config_cls=BiasCorrectionConfig, run=_run_bias_correction, phase="sim",
-            description="correct the mean output shift of quantized layers (empirical or analytical)"),
+            description="correct the mean output shift of quantized layers (empirical or analytical)", corrective=True),
 )

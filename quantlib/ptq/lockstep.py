@@ -27,19 +27,22 @@ from torch import fx, nn
 
 from ..qmodules import QuantizedWeightMixin
 from ..quantizer import FakeQuantizer
+from .float_parameters import FLOAT_BIAS, original_bias, original_weight
 
 _FLOAT_BASES = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 def float_twin(module: QuantizedWeightMixin) -> nn.Module:
-    """A plain float module with copies of ``module``'s current weight and bias."""
+    """A plain float module with copies of ``module``'s float weight and bias: those it had before
+    sim-level passes rewrote them (:mod:`quantlib.ptq.float_parameters`)."""
     base = next(c for c in type(module).__mro__ if c in _FLOAT_BASES)
     twin = base.__new__(base)
     twin.__dict__ = {k: v for k, v in module.__dict__.items()
                      if k not in ("_parameters", "_buffers", "_modules", "_cached_weight", "_bias_cache", "_export_tensors")}
-    twin._parameters = {k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=False)
-                        for k, p in module._parameters.items()}
-    twin._buffers = dict(module._buffers)
+    originals = {**module._parameters, "weight": original_weight(module), "bias": original_bias(module)}
+    twin._parameters = {k: None if originals[k] is None else nn.Parameter(originals[k].detach().clone(), requires_grad=False)
+                        for k in module._parameters}
+    twin._buffers = {k: v for k, v in module._buffers.items() if k != FLOAT_BIAS}
     twin._modules = {}
     return twin
 

@@ -28,6 +28,7 @@ from ..qmodules import QuantizedWeightMixin
 from ..quantizer import FakeQuantizer
 from ..quantsim import QuantSim
 from ..spec import QuantizerSpec
+from .float_parameters import restore_float_parameters
 
 
 ACTIVATION_GROUP_PREFIX = "act:"
@@ -172,9 +173,15 @@ def only_enabled(sim: QuantSim, names: Iterable[str]) -> Iterator[None]:
 
 def fp32_reference(sim: QuantSim) -> fx.GraphModule:
     """A copy of ``sim.model`` with every quantizer disabled: the float model after BatchNorm
-    folding, with the same graph and module names as the sim (``sim`` is not changed)."""
+    folding, with the same graph and module names as the sim (``sim`` is not changed).
+
+    Weight layers get back the float weight and bias they had before sim-level passes (AdaRound,
+    AdaQuant, bias correction) rewrote them (:mod:`quantlib.ptq.float_parameters`).
+    """
     reference = copy.deepcopy(sim.model)
     for module in reference.modules():
         if isinstance(module, FakeQuantizer):
             set_enabled(module, False)
+        elif isinstance(module, QuantizedWeightMixin):
+            restore_float_parameters(module)
     return reference.eval()

@@ -139,6 +139,9 @@ class PTQStep:
             (runs on the calibrated ``context.sim``).
         description: one line for listings.
         must_precede: names of steps that, when listed too, must come after this one.
+        corrective: the step fixes up the sim's current quantization error (bias correction
+            measures and subtracts it), so its result is stale once a later step changes the
+            quantization; AutoQuant applies later rungs before it and then runs it again.
     """
 
     name: str
@@ -147,6 +150,7 @@ class PTQStep:
     phase: str
     description: str = ""
     must_precede: tuple[str, ...] = ()
+    corrective: bool = False
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
