@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -147,3 +148,34 @@ def test_bad_quant_arithmetic_is_one_line_naming_the_setting(monkeypatch, capsys
         main(["run", "digits_mlp/w8a8_per_channel", "quant.arithmetic=fixed", "hydra.run.dir=.", "evaluator.progress=false"])
     err = capsys.readouterr().err
     assert "quant.arithmetic='fixed'" in err and "integer" in err and "Traceback" not in err
+
+
+SENSITIVITY = "ptq.steps=[{name: sensitivity, modes: [both], score_top: 2, num_samples: 16, plot_top: 1}]"
+
+
+def test_plots_move_next_to_the_record_when_it_lands(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    main(["run", "digits_mlp/w8a8_per_channel", SENSITIVITY, "hydra.run.dir=.", "evaluator.progress=false",
+          "evaluator.onnxruntime=false"])
+    runs = tmp_path / "results" / "runs"
+    (record_path,) = runs.glob("digits_mlp__w8a8_per_channel__*.json")
+    record = json.loads(record_path.read_text())
+    plots = record["ptq"]["plots"]
+    assert plots and all(Path(p).parent.resolve() == (runs / record["run_id"]).resolve() and Path(p).is_file()
+                         for p in plots)
+    assert not (runs / ".partial" / record["run_id"]).exists()
+
+
+def test_a_run_killed_before_its_record_leaves_no_run_folder(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # what a kill between the PTQ plots and the record looks like to the run
+
+    monkeypatch.setattr("zoo.cli.run.export", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "digits_mlp/w8a8_per_channel", SENSITIVITY, "hydra.run.dir=.", "evaluator.progress=false"])
+    runs = tmp_path / "results" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == [".partial"]  # no record, no run folder
+    (staged,) = (runs / ".partial").iterdir()
+    assert any(staged.glob("*.png"))  # the plots were written, in the ignored staging folder

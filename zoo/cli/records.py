@@ -6,6 +6,11 @@ CPU/GPU, threads, seed, dataset fingerprints, calibration sample ids, FP32 check
 for a run started from published artifacts, their sha256). ``source`` says whether the simulated
 model was calibrated or loaded, and ``skipped_stages`` why a stage did not run.
 Records are written atomically, under a unique run id, so parallel runs never clobber each other.
+
+A run's plots and logs go to a staging folder, ``runs/.partial/<run_id>/``, while it runs;
+:func:`publish_run_folder` moves it to ``runs/<run_id>/`` just before the record is written, so a
+killed run leaves neither a record nor a run folder in ``runs/`` (only its staging folder, which
+git ignores).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from quantlib.io import atomic_write_text
 
 RECORD_SCHEMA_VERSION = 1
+PARTIAL_DIR = ".partial"
 _PACKAGES = ("torch", "torchvision", "timm", "onnx", "onnxruntime", "hydra-core", "numpy", "safetensors", "quantzoo")
 
 
@@ -106,3 +112,30 @@ def write_record(record: dict[str, Any], runs_dir: Path) -> Path:
     record = {"schema_version": RECORD_SCHEMA_VERSION, **record}
     path = Path(runs_dir) / f"{record['run_id']}.json"
     return atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def staging_folder(runs_dir: Path, run_id: str) -> Path:
+    """Where a run writes its plots and logs until its record lands (not created here)."""
+    return Path(runs_dir) / PARTIAL_DIR / run_id
+
+
+def _replace_prefix(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return new + value[len(old):] if value == old or value.startswith(old + os.sep) else value
+    if isinstance(value, dict):
+        return {k: _replace_prefix(v, old, new) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace_prefix(v, old, new) for v in value]
+    return value
+
+
+def publish_run_folder(record: dict[str, Any], runs_dir: Path) -> dict[str, Any]:
+    """Move the run's staging folder to ``runs_dir/<run_id>/``; returns ``record`` with every path
+    that pointed into the staging folder pointing into the final one (nothing to move: unchanged).
+    """
+    staging = staging_folder(runs_dir, record["run_id"])
+    if not staging.exists():
+        return record
+    final = Path(runs_dir) / record["run_id"]
+    os.replace(staging, final)
+    return _replace_prefix(record, str(staging), str(final))

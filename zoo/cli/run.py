@@ -55,7 +55,7 @@ from .distribution import DOWNLOAD, fetch_published
 from .errors import RunConfigError
 from .published_checkpoint import check_published_recipe, load_published_checkpoint
 from .quantize_stage import calibrated_quantsim, stage_seconds, uncalibrated_quantsim
-from .records import new_run_id, predictions_sha256, provenance, write_record
+from .records import new_run_id, predictions_sha256, provenance, publish_run_folder, staging_folder, write_record
 
 __all__ = ["RunConfigError", "execute", "format_summary", "load_published_checkpoint", "quant_config",
            "recipe_datasets", "resolve_config", "wrap_errors"]
@@ -128,7 +128,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
 
     ``checkpoint`` (see :mod:`zoo.cli.schema`) null calibrates; ``download`` or a published
     folder loads the published artifacts instead (module docstring). Plots and logs of the
-    PTQ, QAT and compression stages go to ``<results_dir>/runs/<run_id>/``.
+    PTQ, QAT and compression stages go to ``<results_dir>/runs/<run_id>/`` (staged in
+    ``runs/.partial/<run_id>/`` until the record is written, so a killed run leaves no run folder).
     """
     resolved = resolve_config(cfg)
     config, steps = quant_config(resolved["quant"]), resolved["ptq"]["steps"]
@@ -138,7 +139,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     source = resolved.get("checkpoint")
     card = default_registry().get(resolved["model"]["name"])
     run_id = new_run_id(card.name, resolved["recipe"])
-    record_dir = Path(resolved["results_dir"]) / "runs" / run_id
+    runs_dir = Path(resolved["results_dir"]) / "runs"
+    record_dir = staging_folder(runs_dir, run_id)  # moved to runs/<run_id>/ when the record lands
     timer = StageTimer()
     metrics: dict[str, Any] = {}
 
@@ -263,7 +265,8 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
             quantized_checkpoint_sha256=None if published is None else dict(sorted(published.sha256.items())),
         ),
     }
-    path = write_record(record, Path(resolved["results_dir"]) / "runs")
+    record = publish_run_folder(record, runs_dir)
+    path = write_record(record, runs_dir)
     record["record_path"] = str(path)
     return record
 
