@@ -201,6 +201,9 @@ def test_reproduce_cli_refuses_a_bad_request(tmp_path, capsys):
     assert "no run record for digits_mlp/w8a8_per_channel" in capsys.readouterr().err
     assert main(["reproduce", "x", "--tolerance", "-1"]) == 2
     assert "--tolerance" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["reproduce", "x", "--tolerance", "1", "--tolerence", "2"])
+    assert "unrecognized arguments: --tolerence 2" in capsys.readouterr().err
 
 
 def test_cli_by_run_id_lists_provenance_and_fails_beyond_the_tolerance(monkeypatch, tmp_path, capsys):
@@ -236,7 +239,8 @@ def test_cli_by_run_id_lists_provenance_and_fails_beyond_the_tolerance(monkeypat
     assert saved["comparison"]["passed"] is False and saved["original_record"].endswith(f"{original['run_id']}.json")
 
     assert main(["reproduce", original["run_id"], "--results-dir", str(tmp_path), "--tolerance", "1.0",
-                 "--artifacts-dir", str(tmp_path / "art")]) == 0  # the same move within a wider tolerance passes
+                 "--artifacts-dir", str(tmp_path / "art"), "evaluator.batch_size=64"]) == 0  # within a wider tolerance
+    assert seen["config"].evaluator.batch_size == 64  # key=value overrides may follow the options
 
 
 def test_same_recipe_twice_on_the_cpu_is_identical(monkeypatch, tmp_path, capsys):

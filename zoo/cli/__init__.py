@@ -16,6 +16,7 @@ from pathlib import Path
 # Subcommands that live in their own module `zoo.cli.<name>`; each module defines
 # `register(subparsers)`, which adds its parser and sets `func` to a callable(args) -> int.
 PLUGIN_COMMANDS: tuple[str, ...] = ("table", "sweep", "reproduce", "bench")
+_TRAILING_POSITIONALS = ("overrides", "items")  # list arguments of subcommands that take key=value
 
 
 def _recipes() -> dict[str, list[str]]:
@@ -149,7 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in PLUGIN_COMMANDS:
         import_module(f"{__name__}.{name}").register(sub)
     sub.add_parser("run", help="quantzoo run MODEL/RECIPE [hydra overrides] [-m]: FP32 vs simulated vs ONNX Runtime")
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    # key=value overrides may follow options (`reproduce ID --out X key=value`), which argparse
+    # does not intermix with a trailing positional list on its own
+    trailing = next((name for name in _TRAILING_POSITIONALS if hasattr(args, name)), None)
+    if extras and (trailing is None or any(extra.startswith("-") for extra in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:
+        setattr(args, trailing, [*getattr(args, trailing), *extras])
     return _guarded(lambda: args.func(args))
 
 
