@@ -295,3 +295,15 @@ def test_a_clamp_with_one_per_channel_bound_is_followed_as_written():
     act = following_activation(conv, dict(gm.named_modules()))
     values = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 3.0
     assert torch.equal(act(values), torch.maximum(values, gm.floor))
+
+
+def test_mirror_caches_every_sample_and_its_mirror_image():
+    from quantlib.ptq.layer_cache import CacheConfig, collect_samples
+
+    images = torch.arange(5 * 2 * 3 * 4, dtype=torch.float32).reshape(5, 2, 3, 4)
+    data = [(images[:3], torch.zeros(3)), (images[3:], torch.zeros(2))]
+    plain = collect_samples(data, CacheConfig(num_samples=4, batch_size=3), torch.device("cpu"))
+    mirrored = collect_samples(data, CacheConfig(num_samples=4, batch_size=3, mirror=True), torch.device("cpu"))
+    assert [c.shape[0] for c in plain] == [3, 1] and [c.shape[0] for c in mirrored] == [3, 3, 2]
+    both = torch.cat(mirrored)
+    assert torch.equal(both[:4], images[:4]) and torch.equal(both[4:], images[:4].flip(-1))

@@ -50,12 +50,16 @@ class CacheConfig:
         max_resident_mb: memory budget in MiB for cached activations; the rest is spilled to disk.
         spill_dir: folder for spilled chunks (a temporary folder is made inside it and removed
             afterwards); None uses the system temporary folder.
+        mirror: also cache every sample mirrored along its last axis (left-right for images):
+            twice the data for models whose task is unchanged by a mirror, at twice the cache
+            memory and caching time.
     """
 
     num_samples: int = 256
     batch_size: int = 32
     max_resident_mb: float = 1024.0
     spill_dir: str | None = None
+    mirror: bool = False
 
     def __post_init__(self) -> None:
         check_int("num_samples", self.num_samples, 1)
@@ -255,7 +259,8 @@ def following_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Callab
 
 
 def collect_samples(data: Iterable, config: CacheConfig, device: torch.device) -> list[torch.Tensor]:
-    """The first ``config.num_samples`` inputs of ``data`` as chunks of ``config.batch_size``.
+    """The first ``config.num_samples`` inputs of ``data`` as chunks of ``config.batch_size``
+    (followed by their mirror images when ``config.mirror``).
 
     ``data`` yields input tensors or (input, label) pairs (a DataLoader, a list of batches).
     Raises :class:`PassConfigError` when it yields nothing.
@@ -273,7 +278,10 @@ def collect_samples(data: Iterable, config: CacheConfig, device: torch.device) -
             break
     if count == 0:
         raise PassConfigError("data is empty; give at least one batch of calibration inputs")
-    return list(torch.cat(pieces).split(config.batch_size))
+    inputs = torch.cat(pieces)
+    if config.mirror:
+        inputs = torch.cat([inputs, inputs.flip(-1)])
+    return list(inputs.split(config.batch_size))
 
 
 class _Runner:

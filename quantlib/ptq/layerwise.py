@@ -37,6 +37,7 @@ class LayerwiseConfig:
             :class:`~quantlib.ptq.layer_ops.ReconstructionBatches`); None uses whole feature maps.
         max_cache_mb: memory budget of the activation cache in MiB (the rest spills to disk).
         spill_dir: folder for spilled chunks; None uses the system temporary folder.
+        mirror: also cache every sample mirrored left-right (see :class:`CacheConfig`).
         input_source: "quantized" (inputs from the quantized model as optimized so far, the AIMET
             default) or "fp32" (inputs from the float model).
         include, exclude: fnmatch globs over weight module names selecting the layers.
@@ -55,6 +56,7 @@ class LayerwiseConfig:
     crop: int | None = None
     max_cache_mb: float = 1024.0
     spill_dir: str | None = None
+    mirror: bool = False
     input_source: str = "quantized"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -78,7 +80,7 @@ class LayerwiseConfig:
         """The :class:`CacheConfig` these settings describe."""
         try:
             return CacheConfig(num_samples=self.num_samples, batch_size=self.batch_size,
-                               max_resident_mb=self.max_cache_mb, spill_dir=self.spill_dir)
+                               max_resident_mb=self.max_cache_mb, spill_dir=self.spill_dir, mirror=self.mirror)
         except PassConfigError as err:
             raise PassConfigError(str(err).replace("max_resident_mb", "max_cache_mb")) from None
 
