@@ -168,8 +168,8 @@ def _try_rung(context: PTQContext, state: _State, step: PTQStep, step_config: An
         return new, {"summary": summary}
     names = [c.name for c, _ in state.corrections]
     base_applied = [name for name in state.applied if name not in names]
-    base_stats = state.layer_output_stats
-    sub, summary = _apply(context, state.model, state.uncorrected, base_stats, step, step_config, score_fn, step.name)
+    sub, summary = _apply(context, state.model, state.uncorrected, state.layer_output_stats, step, step_config,
+                          score_fn, step.name)
     plain = _State(model=state.model, sim=sub.sim, layer_output_stats=sub.layer_output_stats,
                    score=float(score_fn(sub.sim.model)), applied=[*base_applied, step.name], uncorrected=sub.sim)
     if not state.corrections:
