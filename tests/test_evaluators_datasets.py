@@ -247,3 +247,17 @@ def test_array_num_samples(array_splits):
         build_dataset(name, "calibration", root=None, preprocessing=None, num_samples=n_train + 1)
     with pytest.raises(EvaluatorConfigError, match="preprocessing.in_chans"):
         build_dataset(name, "eval", root=None, preprocessing=PRE_224)
+
+
+def test_with_mirrored_appends_every_image_flipped_with_its_label():
+    import torch
+
+    from evaluators.datasets.mirrored import with_mirrored
+
+    images = torch.arange(3 * 1 * 2 * 3, dtype=torch.float32).reshape(3, 1, 2, 3)
+    base = list(zip(images, [4, 5, 6]))
+    doubled = with_mirrored(base)
+    assert len(doubled) == 6
+    for i in range(3):
+        assert torch.equal(doubled[i][0], images[i]) and doubled[i][1] == base[i][1]
+        assert torch.equal(doubled[3 + i][0], images[i].flip(-1)) and doubled[3 + i][1] == base[i][1]

@@ -41,6 +41,7 @@ from evaluators import (
     evaluate_classification,
     prediction_agreement,
 )
+from evaluators.datasets.mirrored import with_mirrored
 from quantlib.config import ARITHMETIC_MODES, load_config
 from quantlib.export import export
 from quantlib.cost import model_cost
@@ -173,9 +174,12 @@ def execute(cfg: DictConfig) -> dict[str, Any]:
     example = calibration[0][0].unsqueeze(0).to(device)
     loader = torch.utils.data.DataLoader(calibration, batch_size=resolved["data"]["calibration_batch_size"], shuffle=False)
 
+    scoring = with_mirrored(calibration) if resolved["data"]["score_mirrored"] else calibration
+
     def calibration_top1(model: torch.nn.Module) -> float:
-        """Searching PTQ and compression steps score on labelled calibration data, never on the eval split."""
-        return evaluate_classification(TorchBackend(model, device), calibration, batch_size=ev["batch_size"],
+        """Searching PTQ and compression steps score on labelled calibration data (with its mirror
+        images when ``data.score_mirrored``), never on the eval split."""
+        return evaluate_classification(TorchBackend(model, device), scoring, batch_size=ev["batch_size"],
                                        num_workers=ev["num_workers"], progress=False).top1
 
     base, compress_summary = fp32, None

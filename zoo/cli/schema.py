@@ -48,6 +48,8 @@ class DataConf:
     num_eval_samples: Optional[int] = None
     calibration_batch_size: int = 50
     seed: int = 0  # selects the calibration subset where the dataset draws one
+    # searching steps also score on every calibration image mirrored left-right (image classifiers)
+    score_mirrored: bool = False
 
 
 @dataclass
