@@ -18,10 +18,7 @@ from quantlib.config import load_config
 from quantlib.export import export
 from quantlib.quantsim import QuantSim
 
-try:
-    from quantlib_quantsim_helpers import ResBlockNet, build, randn
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_quantsim_helpers import ResBlockNet, build, randn
+from quantlib_quantsim_helpers import ResBlockNet, build, randn
 
 
 def prepare(model: nn.Module, shape: tuple[int, ...], config) -> QuantSim:

@@ -20,10 +20,7 @@ from zoo.hub import (
 )
 from zoo.safe_load import load_state_dict, save_safetensors
 
-try:
-    from hub_server import ArtifactServer
-except ImportError:  # tests/ became a package
-    from tests.hub_server import ArtifactServer
+from hub_server import ArtifactServer
 
 UNREACHABLE = "https://hub.invalid/quantzoo/"
 PAYLOAD = bytes(range(256)) * 257  # 65,792 bytes, deterministic

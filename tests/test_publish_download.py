@@ -7,10 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-try:
-    from hub_server import ArtifactServer
-except ImportError:  # run from the repository root as a package
-    from tests.hub_server import ArtifactServer
+from hub_server import ArtifactServer
 from zoo.cli import main
 from zoo.hub import sha256_file
 

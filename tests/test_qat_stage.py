@@ -14,10 +14,7 @@ from zoo.cli.qat_stage import CURVES_PNG, METRICS_LOG, qat_train_config, run_qat
 from zoo.cli.schema_qat import QatConf
 from zoo.hub import sha256_file
 
-try:
-    from test_quantlib_qat_fixtures import accuracy, digits, quantized, trained_mlp
-except ImportError:
-    from tests.test_quantlib_qat_fixtures import accuracy, digits, quantized, trained_mlp
+from test_quantlib_qat_fixtures import accuracy, digits, quantized, trained_mlp
 
 QUIET = ["hydra.run.dir=.", "evaluator.progress=false"]
 

@@ -16,10 +16,7 @@ import torch
 from quantlib.affine import compute_qparams, dequantize, fake_quantize, quantize, round_with_mode
 from quantlib.spec import QuantizerSpec, QuantSpecError
 
-try:
-    from quantlib_affine_helpers import ASYM_U8, SYM_S8, t
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_affine_helpers import ASYM_U8, SYM_S8, t
+from quantlib_affine_helpers import ASYM_U8, SYM_S8, t
 
 
 # ------------------------------------------------------------------------------------ rounding

@@ -23,10 +23,7 @@ from quantlib.affine import (
 )
 from quantlib.spec import QuantizerSpec, QuantSpecError
 
-try:
-    from quantlib_affine_helpers import SYM_S8, t
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_affine_helpers import SYM_S8, t
+from quantlib_affine_helpers import SYM_S8, t
 
 
 # ----------------------------------------------------------------------------- granularity

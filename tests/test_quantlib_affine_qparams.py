@@ -23,10 +23,7 @@ from quantlib.affine import (
 from quantlib.config import load_config, parse_config
 from quantlib.spec import ObserverSpec, QuantizerSpec, QuantSpecError, spec_from_dict
 
-try:
-    from quantlib_affine_helpers import ASYM_U8, SYM_S8, t
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_affine_helpers import ASYM_U8, SYM_S8, t
+from quantlib_affine_helpers import ASYM_U8, SYM_S8, t
 
 
 def qparams(lo: float, hi: float, spec: QuantizerSpec) -> tuple[float, int]:

@@ -12,10 +12,7 @@ from torch import nn
 from quantlib.config import load_config
 from quantlib.cost import FLOAT16_BITS, FLOAT32_BITS, model_cost
 from quantlib.quantsim import QuantSim
-try:  # rootdir-relative import under pytest's default rootdir insertion
-    from quantlib_models import DepthwiseNet, FunctionalNet, TransposedNet
-except ImportError:  # pragma: no cover - run as a package
-    from tests.quantlib_models import DepthwiseNet, FunctionalNet, TransposedNet
+from quantlib_models import DepthwiseNet, FunctionalNet, TransposedNet
 from zoo.models.digits import DigitsMLP
 
 

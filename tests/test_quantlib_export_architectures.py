@@ -16,12 +16,8 @@ from torch import nn
 from quantlib.export import export
 from quantlib.quantsim import QuantSim
 
-try:
-    from quantlib_export_helpers import op_counts, output_quantizer_scale, run_ort, simulate
-    from quantlib_quantsim_helpers import randn
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_export_helpers import op_counts, output_quantizer_scale, run_ort, simulate
-    from tests.quantlib_quantsim_helpers import randn
+from quantlib_export_helpers import op_counts, output_quantizer_scale, run_ort, simulate
+from quantlib_quantsim_helpers import randn
 
 
 # ------------------------------------------------------------------------- architectures

@@ -19,32 +19,18 @@ import torch
 from quantlib.config import load_config
 from quantlib.export import export
 
-try:
-    from quantlib_export_helpers import (
-        CONFIGS,
-        exported,
-        initializers,
-        output_quantizer_scale,
-        prepare,
-        run_ort,
-        simulate,
-        tolerance,
-    )
-    from quantlib_models import Conv1dNet, DepthwiseNet, FunctionalNet, TransposedNet
-    from quantlib_quantsim_helpers import ResBlockNet, build, randn
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_export_helpers import (
-        CONFIGS,
-        exported,
-        initializers,
-        output_quantizer_scale,
-        prepare,
-        run_ort,
-        simulate,
-        tolerance,
-    )
-    from tests.quantlib_models import Conv1dNet, DepthwiseNet, FunctionalNet, TransposedNet
-    from tests.quantlib_quantsim_helpers import ResBlockNet, build, randn
+from quantlib_export_helpers import (
+    CONFIGS,
+    exported,
+    initializers,
+    output_quantizer_scale,
+    prepare,
+    run_ort,
+    simulate,
+    tolerance,
+)
+from quantlib_models import Conv1dNet, DepthwiseNet, FunctionalNet, TransposedNet
+from quantlib_quantsim_helpers import ResBlockNet, build, randn
 
 
 # ----------------------------------------------------------------------- ORT vs simulation

@@ -13,12 +13,8 @@ import torch
 from quantlib.config import load_config
 from quantlib.export import ONNX_OPSET
 
-try:
-    from quantlib_export_helpers import CONFIGS, attribute, exported, initializers, op_counts, run_ort, simulate
-    from quantlib_quantsim_helpers import randn
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_export_helpers import CONFIGS, attribute, exported, initializers, op_counts, run_ort, simulate
-    from tests.quantlib_quantsim_helpers import randn
+from quantlib_export_helpers import CONFIGS, attribute, exported, initializers, op_counts, run_ort, simulate
+from quantlib_quantsim_helpers import randn
 
 
 # ---------------------------------------------------------------------------- ONNX structure

@@ -196,7 +196,8 @@ def test_adaquant_pipeline_step_is_registered():
                                   nn.Conv2d(4, 6, 3, padding=2, dilation=2), nn.Conv1d(4, 6, 3, padding=1)])
 def test_cropped_windows_are_exact_windows_of_the_full_output(conv):
     """AdaRound/AdaQuant train on random output windows: each must equal that window of the full map."""
-    from quantlib.ptq.layer_cache import ChunkStore, LayerData
+    from quantlib.ptq.chunk_store import ChunkStore
+    from quantlib.ptq.layer_cache import LayerData
     from quantlib.ptq.layer_ops import ReconstructionBatches, layer_forward
 
     torch.manual_seed(0)
@@ -246,10 +247,7 @@ def test_the_per_channel_clamp_cle_leaves_for_relu6_is_the_activation_followed()
     (6 / s_i); the layer before it must be reconstructed through exactly that clamp."""
     from quantlib.ptq.layer_cache import following_activation
 
-    try:
-        from quantlib_models import DepthwiseNet
-    except ImportError:  # tests/ imported as a package
-        from tests.quantlib_models import DepthwiseNet
+    from quantlib_models import DepthwiseNet
 
     torch.manual_seed(0)
     model = DepthwiseNet().eval()

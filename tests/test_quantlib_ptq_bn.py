@@ -17,10 +17,7 @@ from quantlib.ptq.bn_stats import ChannelGaussian, clipped_normal_mean, collect_
 from quantlib.ptq.layer_pairs import RELU, RELU6, Activation
 from quantlib.ptq.pipeline import prepare_fp32_model
 
-try:
-    from quantlib_models import Conv1dNet, DepthwiseNet
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_models import Conv1dNet, DepthwiseNet
+from quantlib_models import Conv1dNet, DepthwiseNet
 
 
 class ConvBNNet(nn.Module):

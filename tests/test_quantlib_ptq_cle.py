@@ -22,10 +22,7 @@ from quantlib.ptq.layer_pairs import activation_of, chains_of, find_layer_pairs
 from quantlib.ptq.pipeline import prepare_fp32_model, prepare_quantsim
 from quantlib.ptq.plots import plot_channel_ranges
 
-try:
-    from quantlib_models import DepthwiseNet
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_models import DepthwiseNet
+from quantlib_models import DepthwiseNet
 
 
 class SkewedReluNet(nn.Module):

@@ -17,10 +17,7 @@ from quantlib.ptq.pipeline import default_registry, parse_steps, prepare_fp32_mo
 from quantlib.ptq.registry import PTQConfigError, PTQContext, PTQStep, StepRegistry
 from quantlib.quantsim import QuantSim
 
-try:
-    from quantlib_models import DepthwiseNet
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_models import DepthwiseNet
+from quantlib_models import DepthwiseNet
 
 DFQ_STEP_NAMES = ("bias_correction", "bn_fold", "bn_reestimation", "cle", "high_bias_absorption")
 

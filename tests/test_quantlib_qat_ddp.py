@@ -23,10 +23,7 @@ from quantlib.qat import TrainConfig, disable_range_learning, enable_range_learn
 from quantlib.qat.data import training_loader
 from quantlib.qat.distributed import DistContext
 
-try:
-    from test_quantlib_qat_fixtures import _trained_mlp, accuracy, digits, quantized
-except ImportError:
-    from tests.test_quantlib_qat_fixtures import _trained_mlp, accuracy, digits, quantized
+from test_quantlib_qat_fixtures import _trained_mlp, accuracy, digits, quantized
 
 # SGD: Adam's normalised steps on the quantizer scales turn the float summation-order differences of
 # the gradient all-reduce into code flips within a few steps (measured: 2% epoch-1 loss apart at

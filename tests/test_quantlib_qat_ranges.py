@@ -14,10 +14,7 @@ from quantlib.qat.ste import fake_quantize_ste, round_ste, scale_gradient
 from quantlib.quantizer import FakeQuantizer
 from quantlib.spec import QuantizerSpec
 
-try:
-    from test_quantlib_qat_fixtures import accuracy, digits, quantized, trained_mlp
-except ImportError:  # run from the repository root as a package
-    from tests.test_quantlib_qat_fixtures import accuracy, digits, quantized, trained_mlp
+from test_quantlib_qat_fixtures import accuracy, digits, quantized, trained_mlp
 
 UINT4 = QuantizerSpec(bitwidth=4, symmetric=False, signed=False)
 

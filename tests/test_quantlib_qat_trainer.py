@@ -19,10 +19,7 @@ from quantlib.qat.checkpointing import checkpoint_path
 from quantlib.qat.data import training_loader
 from quantlib.qat.optim import lr_factor
 
-try:
-    from test_quantlib_qat_fixtures import _trained_mlp, accuracy, digits, quantized, trained_mlp
-except ImportError:
-    from tests.test_quantlib_qat_fixtures import _trained_mlp, accuracy, digits, quantized, trained_mlp
+from test_quantlib_qat_fixtures import _trained_mlp, accuracy, digits, quantized, trained_mlp
 
 # Dropout, shuffling, learned ranges, observers for the first steps and a distilling loss: every
 # piece of state a resumed run must restore.

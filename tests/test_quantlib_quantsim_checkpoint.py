@@ -14,12 +14,8 @@ from quantlib.checkpoint import FORMAT, load_quantized_state_dict, pack_int4, qu
 from quantlib.config import load_config
 from quantlib.quantsim import QuantSim
 
-try:
-    from quantlib_models import DepthwiseNet
-    from quantlib_quantsim_helpers import IMG, ResBlockNet, build, calibrated, randn
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_models import DepthwiseNet
-    from tests.quantlib_quantsim_helpers import IMG, ResBlockNet, build, calibrated, randn
+from quantlib_models import DepthwiseNet
+from quantlib_quantsim_helpers import IMG, ResBlockNet, build, calibrated, randn
 
 
 # ------------------------------------------------------------------------------- encodings

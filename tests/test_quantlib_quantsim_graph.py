@@ -22,12 +22,8 @@ from quantlib.graph import trace
 from quantlib.qmodules import QuantConv1d, QuantConv2d, QuantConvTranspose2d, QuantLinear
 from quantlib.quantsim import QuantSim
 
-try:
-    from quantlib_models import Conv1dNet, DepthwiseNet, FunctionalNet, TransposedNet
-    from quantlib_quantsim_helpers import IMG, ResBlockNet, build, randn, rel_error
-except ImportError:  # tests/ imported as a package
-    from tests.quantlib_models import Conv1dNet, DepthwiseNet, FunctionalNet, TransposedNet
-    from tests.quantlib_quantsim_helpers import IMG, ResBlockNet, build, randn, rel_error
+from quantlib_models import Conv1dNet, DepthwiseNet, FunctionalNet, TransposedNet
+from quantlib_quantsim_helpers import IMG, ResBlockNet, build, randn, rel_error
 
 
 # -------------------------------------------------------------------------------------- models

@@ -26,10 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-try:
-    from hub_server import ArtifactServer
-except ImportError:  # run from the repository root as a package
-    from tests.hub_server import ArtifactServer
+from hub_server import ArtifactServer
 import zoo.models
 from zoo.builder import build_architecture
 from zoo.hub import sha256_file

@@ -17,10 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from hub_server import ArtifactServer
-except ImportError:  # run from the repository root as a package
-    from tests.hub_server import ArtifactServer
+from hub_server import ArtifactServer
 from quantlib.quantsim import QuantSim
 from zoo.builder import build_architecture, build_fp32_model
 from zoo.card import PublishedArtifact

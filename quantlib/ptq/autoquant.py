@@ -174,15 +174,13 @@ def _try_rung(context: PTQContext, state: _State, step: PTQStep, step_config: An
                    score=float(score_fn(sub.sim.model)), applied=[*base_applied, step.name], uncorrected=sub.sim)
     if not state.corrections:
         return plain, {"summary": summary}
-    corrected, reapplied = plain, {}
+    sim, stats, reapplied = plain.sim, plain.layer_output_stats, {}
     for correction, correction_config in state.corrections:
-        fixed, reapplied[correction.name] = _apply(context, state.model, corrected.sim, corrected.layer_output_stats,
-                                                   correction, correction_config, score_fn,
-                                                   f"{step.name}_{correction.name}")
-        corrected = _State(model=state.model, sim=fixed.sim, layer_output_stats=fixed.layer_output_stats, score=0.0,
-                           applied=[*corrected.applied, correction.name], uncorrected=plain.sim,
-                           corrections=[*corrected.corrections, (correction, correction_config)])
-    corrected.score = float(score_fn(corrected.sim.model))
+        fixed, reapplied[correction.name] = _apply(context, state.model, sim, stats, correction, correction_config,
+                                                   score_fn, f"{step.name}_{correction.name}")
+        sim, stats = fixed.sim, fixed.layer_output_stats
+    corrected = _State(model=state.model, sim=sim, layer_output_stats=stats, score=float(score_fn(sim.model)),
+                       applied=[*plain.applied, *names], uncorrected=plain.sim, corrections=list(state.corrections))
     keep = corrected.score > plain.score
     record = {"summary": summary, "reapplied": names, "score_without_reapplied": plain.score,
               "score_with_reapplied": corrected.score, "reapplied_kept": keep, "reapplied_summaries": reapplied}

@@ -11,7 +11,7 @@ each model over the cached samples), unlike re-running the model prefix for ever
 
 Memory bound: only the live frontier of the graph is kept (a value is dropped once its last user
 has run) and only nodes that lead to a selected layer are computed. All cached values live in a
-:class:`ChunkStore`: at most ``max_resident_bytes`` of them stay in memory and the rest are spilled
+:class:`~quantlib.ptq.chunk_store.ChunkStore`: at most ``max_resident_bytes`` of them stay in memory and the rest are spilled
 to ``.npy`` files that are read back through memory maps (so a random crop of a spilled chunk
 reads only the pages it needs). Peak memory is therefore ``max_resident_bytes`` plus the working
 set of one chunk: the inputs and output of one node for ``batch_size`` samples.
@@ -20,11 +20,8 @@ set of one chunk: the inputs and output of one node for ``batch_size`` samples.
 from __future__ import annotations
 
 import functools
-import itertools
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +30,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from .chunk_store import ChunkStore
 from .layer_pairs import activation_of
 from .pass_config import PassConfigError, check_int, check_positive
-
-# dtypes that spill to .npy; anything else stays resident (rare: index tensors, bf16)
-_SPILLABLE = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool}
 
 
 @dataclass(frozen=True)
@@ -67,113 +62,6 @@ class CacheConfig:
         check_positive("max_resident_mb", self.max_resident_mb, allow_zero=True)
 
 
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_nbytes(v) for v in value)
-    return 0
-
-
-@dataclass
-class _Spilled:
-    path: Path
-    device: torch.device
-    dtype: torch.dtype
-
-
-class ChunkStore:
-    """Values keyed by (name, chunk index); resident up to a byte budget, the rest spilled to disk.
-
-    Only plain tensors of common dtypes are spilled; other values (Python numbers, tuples, shapes)
-    are small and always stay resident. Use as a context manager, or call :meth:`close` to delete
-    the spill folder.
-    """
-
-    def __init__(self, max_resident_bytes: int, spill_dir: str | None = None) -> None:
-        self.max_resident_bytes = int(max_resident_bytes)
-        self._spill_root = spill_dir
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._entries: dict[str, list[Any]] = {}
-        self._counter = itertools.count()
-        self.resident_bytes = 0
-        self.peak_resident_bytes = 0
-        self.spilled_bytes = 0
-
-    def __enter__(self) -> "ChunkStore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Drop everything and delete the spill folder."""
-        for key in list(self._entries):
-            self.drop(key)
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def num_chunks(self, key: str) -> int:
-        """How many chunks ``key`` holds."""
-        return len(self._entries[key])
-
-    def append(self, key: str, value: Any) -> None:
-        """Store ``value`` as the next chunk of ``key``."""
-        size = _nbytes(value)
-        spillable = isinstance(value, torch.Tensor) and value.dtype in _SPILLABLE
-        if spillable and self.resident_bytes + size > self.max_resident_bytes:
-            self._entries.setdefault(key, []).append(self._spill(value))
-            self.spilled_bytes += size
-            return
-        self._entries.setdefault(key, []).append(value)
-        self.resident_bytes += size
-        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
-
-    def _spill(self, tensor: torch.Tensor) -> _Spilled:
-        if self._tmp is None:
-            if self._spill_root is not None:
-                Path(self._spill_root).mkdir(parents=True, exist_ok=True)
-            self._tmp = tempfile.TemporaryDirectory(prefix="quantlib-cache-", dir=self._spill_root)
-        path = Path(self._tmp.name) / f"{next(self._counter)}.npy"
-        np.save(path, tensor.detach().cpu().contiguous().numpy())
-        return _Spilled(path=path, device=tensor.device, dtype=tensor.dtype)
-
-    def get(self, key: str, index: int) -> Any:
-        """Chunk ``index`` of ``key`` as a tensor on its original device (spilled chunks are read back)."""
-        entry = self._entries[key][index]
-        if isinstance(entry, _Spilled):
-            return torch.from_numpy(np.load(entry.path)).to(entry.device)
-        return entry
-
-    def view(self, key: str, index: int) -> torch.Tensor | np.ndarray:
-        """Chunk ``index`` of ``key`` without reading it: a tensor, or a read-only memory map."""
-        entry = self._entries[key][index]
-        if isinstance(entry, _Spilled):
-            return np.load(entry.path, mmap_mode="r")
-        return entry
-
-    def device(self, key: str, index: int) -> torch.device:
-        """Device of chunk ``index`` of ``key`` (where :meth:`get` puts it)."""
-        return self._entries[key][index].device  # a _Spilled record and a tensor both have .device
-
-    def drop(self, key: str) -> None:
-        """Forget ``key`` (and delete its spilled files)."""
-        for entry in self._entries.pop(key, []):
-            if isinstance(entry, _Spilled):
-                entry.path.unlink(missing_ok=True)
-            else:
-                self.resident_bytes -= _nbytes(entry)
-
-
-def take(view: torch.Tensor | np.ndarray, index: tuple, device: torch.device) -> torch.Tensor:
-    """``view[index]`` as a tensor on ``device``; reads only the needed part of a memory map."""
-    if isinstance(view, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(view[index])).to(device)
-    return view[index]
 
 
 @dataclass

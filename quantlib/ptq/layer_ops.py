@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layer_cache import LayerData, take
+from .chunk_store import take
+from .layer_cache import LayerData
 
 
 def layer_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

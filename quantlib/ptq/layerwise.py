@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 import torch
 
 from ..quantsim import QuantSim
-from .layer_cache import CacheConfig, ChunkStore, LayerData, collect_samples, stream_layers
+from .chunk_store import ChunkStore
+from .layer_cache import CacheConfig, LayerData, collect_samples, stream_layers
 from .pass_config import PassConfigError, check_choice, check_int
 from .quantizer_groups import fp32_reference, select
 

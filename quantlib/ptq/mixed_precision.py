@@ -208,7 +208,6 @@ def search_mixed_precision(sim: QuantSim, data: Iterable, batches: Sequence[tupl
     reference = model_outputs(fp32_reference(sim), batches)
     switch = PrecisionSwitch(sim, groups, candidates, data, forward_fn=forward_fn, progress=progress)
     names = [g.name for g in groups]
-    widest = {g: candidates[-1] for g in names}
     base_noise = _noise(reference, model_outputs(sim.model, batches))
     added: dict[str, dict[Candidate, float]] = {g: {candidates[-1]: 0.0} for g in names}
     sensitivity: dict[str, dict[str, float]] = {}
