@@ -17,6 +17,7 @@ from quantlib.ptq.precision_formats import Candidate, PrecisionSwitch, parse_can
 from quantlib.ptq.quantizer_groups import quantizer_groups
 from quantlib.ptq.registry import PTQConfigError
 from quantlib.ptq.weight_freeze import is_frozen, weight_codes
+from quantlib.config import load_config
 from quantlib.quantsim import QuantSim
 
 X = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
@@ -119,6 +120,29 @@ def test_switching_formats_is_reversible():
     assert torch.equal(sim.model(X), widest)
     switch.apply(narrow)
     assert torch.equal(sim.model(X), narrowed)
+
+
+def test_weight_observers_set_the_weight_range_per_candidate_bitwidth():
+    model = mlp_with_a_sensitive_layer()
+    config = load_config("per_channel").with_defaults(weight={"observer": {"name": "mse"}})
+    sim = QuantSim(model, X[:1], config)
+    sim.calibrate(DATA, progress=False)
+    module = sim.weight_modules()["2"]
+    assert module.weight_quantizer.spec.observer.name == "mse"
+    groups = [g for g in quantizer_groups(sim) if g.kind == "layer"]
+    switch = PrecisionSwitch(sim, groups, parse_candidates(["w4a8", "w8a8"]), DATA, weight_observers={8: "minmax"})
+    float_weight = model[2].weight.detach()
+    peak = float_weight.abs().amax(1, keepdim=True)
+    quantizer = module.weight_quantizer  # all-8-bit after construction: minmax ranges replace the MSE ones
+    assert quantizer.spec.bitwidth == 8 and quantizer.spec.observer.name == "minmax"
+    assert torch.allclose(quantizer.scale.reshape(-1, 1), peak / 127, rtol=1e-6)
+    switch.apply({"2": Candidate(32, 4, 8)})
+    quantizer = module.weight_quantizer  # 4 bits keep the layer's MSE observer, which clips the outlier
+    assert quantizer.spec.bitwidth == 4 and quantizer.spec.observer.name == "mse"
+    assert bool((quantizer.scale.reshape(-1, 1) < peak / 7).all())
+    with pytest.raises(PassConfigError, match=r"weight_observers key '16' is not a candidate weight bitwidth; use one of \[4, 8\]"):
+        MixedPrecisionConfig(candidates=("w4a8", "w8a8"), weight_observers={"16": "mse"})
+    assert MixedPrecisionConfig(candidates=("w4a8", "w8a8"), weight_observers={"8": "minmax"}).weight_observers == {8: "minmax"}
 
 
 def test_adarounded_layers_keep_their_codes_at_their_bitwidth_and_requantize_the_float_weight_otherwise():

@@ -32,7 +32,7 @@ model the pipeline was given; the Pareto plot goes to ``plots_dir``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 
 from ..cost import model_cost
 from ..quantsim import QuantSim
-from .pass_config import PassConfigError, check_int, check_positive
+from ..spec import OBSERVERS
+from .pass_config import PassConfigError, check_choice, check_int, check_positive
 from .precision_formats import Candidate, PrecisionSwitch, parse_candidates
 from .quantizer_groups import QuantizerGroup, fp32_reference, quantizer_groups, select
 from .registry import PTQContext, PTQStep
@@ -61,6 +62,10 @@ class MixedPrecisionConfig:
         curve_points: extra evenly spaced Pareto points scored for the plot (0: only the binary search).
         include, exclude: fnmatch globs over layer-group names (first weight module of the group);
             groups left out keep their format.
+        weight_observers: weight bitwidth -> observer of the weight ranges at that bitwidth, e.g.
+            ``{4: mse, 8: minmax}``: MSE-searched clipping helps 4-bit grids, while at 8 bits the
+            full range loses less. Bitwidths not named keep the quantizers' observer. Keys may be
+            ints or their strings (a run record's JSON); they must be candidate weight bitwidths.
     """
 
     candidates: tuple[str, ...] = ("w4a8", "w8a8", "w16a16")
@@ -69,16 +74,36 @@ class MixedPrecisionConfig:
     curve_points: int = 0
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
+    weight_observers: Mapping[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.parsed_candidates()
+        candidates = self.parsed_candidates()
         check_positive("max_drop", self.max_drop, allow_zero=True)
         check_int("num_samples", self.num_samples, 1)
         check_int("curve_points", self.curve_points, 0)
+        object.__setattr__(self, "weight_observers", _weight_observers(self.weight_observers, candidates))
 
     def parsed_candidates(self) -> tuple[Candidate, ...]:
         """The candidates, cheapest first."""
         return parse_candidates(self.candidates)
+
+
+def _weight_observers(values: Any, candidates: Sequence[Candidate]) -> dict[int, str]:
+    """``weight_observers`` with int keys, checked against the candidates and the observer names."""
+    if not isinstance(values, Mapping):
+        raise PassConfigError(f"weight_observers={values!r} must map weight bitwidths to observers, e.g. {{4: mse, 8: minmax}}")
+    bitwidths = sorted({c.weight_bits for c in candidates})
+    checked: dict[int, str] = {}
+    for key, name in values.items():
+        try:
+            bits = int(key)
+        except (TypeError, ValueError):
+            bits = None
+        if bits not in bitwidths:
+            raise PassConfigError(f"weight_observers key {key!r} is not a candidate weight bitwidth; use one of {bitwidths}")
+        check_choice(f"weight_observers[{bits}]", name, OBSERVERS)
+        checked[bits] = name
+    return dict(sorted(checked.items()))
 
 
 @dataclass
@@ -206,7 +231,8 @@ def search_mixed_precision(sim: QuantSim, data: Iterable, batches: Sequence[tupl
                               "use include: ['*']")
     bitops_start = model_cost(sim).bitops
     reference = model_outputs(fp32_reference(sim), batches)
-    switch = PrecisionSwitch(sim, groups, candidates, data, forward_fn=forward_fn, progress=progress)
+    switch = PrecisionSwitch(sim, groups, candidates, data, forward_fn=forward_fn, progress=progress,
+                             weight_observers=config.weight_observers)
     names = [g.name for g in groups]
     base_noise = _noise(reference, model_outputs(sim.model, batches))
     added: dict[str, dict[Candidate, float]] = {g: {candidates[-1]: 0.0} for g in names}

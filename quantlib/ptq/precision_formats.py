@@ -76,18 +76,28 @@ def _searchable(quantizer: FakeQuantizer | None) -> bool:
 
 
 class _WeightFormats:
-    """Weight and weight quantizer of one module for each candidate weight bitwidth."""
+    """Weight and weight quantizer of one module for each candidate weight bitwidth.
 
-    def __init__(self, module: nn.Module, bitwidths: Iterable[int]) -> None:
+    ``observers`` maps a weight bitwidth to the observer that calibrates the weight range at that
+    bitwidth (bitwidths not named keep the module's observer). A frozen layer keeps its own
+    bitwidth's quantizer whatever ``observers`` says.
+    """
+
+    def __init__(self, module: nn.Module, bitwidths: Iterable[int], observers: Mapping[int, str] | None = None) -> None:
         self.module = module
         current = module.weight_quantizer
-        float_weight = current.float_weight if is_frozen(current) else module.weight.detach().clone()
+        frozen = is_frozen(current)
+        float_weight = current.float_weight if frozen else module.weight.detach().clone()
+        observers = observers or {}
         self.variants: dict[int, tuple[torch.Tensor, FakeQuantizer]] = {}
         for bits in sorted(set(bitwidths)):
-            if bits == current.spec.bitwidth:  # the layer as it is (a frozen one keeps its optimized weight)
-                self.variants[bits] = (module.weight.detach().clone() if is_frozen(current) else float_weight, current)
+            observer = observers.get(bits, current.spec.observer.name)
+            if bits == current.spec.bitwidth and (frozen or observer == current.spec.observer.name):
+                # the layer as it is (a frozen one keeps its optimized weight)
+                self.variants[bits] = (module.weight.detach().clone() if frozen else float_weight, current)
                 continue
-            quantizer = FakeQuantizer(current.spec.replace(bitwidth=bits), name=current.name).to(float_weight.device)
+            spec = current.spec.replace(bitwidth=bits, observer={"name": observer})
+            quantizer = FakeQuantizer(spec, name=current.name).to(float_weight.device)
             quantizer.exact = current.exact
             quantizer.calibrate_from(float_weight)
             self.variants[bits] = (float_weight, quantizer)
@@ -135,19 +145,22 @@ class PrecisionSwitch:
         candidates: the formats (see :func:`parse_candidates`).
         data: re-iterable calibration batches for the activation encodings.
         forward_fn: ``forward_fn(model, batch, device)`` for calibration (None: QuantSim's default).
+        weight_observers: weight bitwidth -> observer name for the weight ranges at that bitwidth
+            (e.g. ``{4: "mse", 8: "minmax"}``); bitwidths not named keep each layer's observer.
 
     After construction every group is at the widest candidate.
     """
 
     def __init__(self, sim: QuantSim, groups: Sequence[QuantizerGroup], candidates: Sequence[Candidate],
-                 data: Iterable, *, forward_fn: Callable | None = None, progress: bool = False) -> None:
+                 data: Iterable, *, forward_fn: Callable | None = None, progress: bool = False,
+                 weight_observers: Mapping[int, str] | None = None) -> None:
         self.sim = sim
         self.groups = [g for g in groups if g.kind == "layer"]
         self.candidates = tuple(candidates)
         modules = sim.weight_modules()
         quantizers = sim.activation_quantizers()
         weight_bits = {c.weight_bits for c in self.candidates}
-        self.weights = {m: _WeightFormats(modules[m], weight_bits) for g in self.groups for m in g.modules
+        self.weights = {m: _WeightFormats(modules[m], weight_bits, weight_observers) for g in self.groups for m in g.modules
                         if _searchable(modules[m].weight_quantizer)}
         self.activations = {a: _ActivationFormats(quantizers[a]) for g in self.groups for a in g.activation_quantizers
                             if _searchable(quantizers[a])}
