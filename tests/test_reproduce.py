@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from zoo.cli import main
 from zoo.cli.bench_run import compose_recipe
@@ -212,12 +213,14 @@ def test_cli_by_run_id_lists_provenance_and_fails_beyond_the_tolerance(monkeypat
 
     original = _record("digits_mlp__w8a8_per_channel__20260101T000000Z__00000000")
     original["provenance"]["config"] = compose_recipe("digits_mlp/w8a8_per_channel")  # a real resolved recipe
+    threads_before = torch.get_num_threads()
+    original["provenance"]["hardware"]["torch_threads"] = threads_before + 1
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / f"{original['run_id']}.json").write_text(json.dumps(original))
     seen = {}
 
     def fake_execute(cfg):
-        seen["config"] = cfg
+        seen["config"], seen["threads"] = cfg, torch.get_num_threads()
         record = _reproduced(original, **{"provenance.packages.torch": "2.15.0", "metrics.quantsim.top1": 79.2})
         path = Path(cfg.results_dir) / "runs" / f"{record['run_id']}.json"
         path.parent.mkdir(parents=True)
@@ -230,6 +233,7 @@ def test_cli_by_run_id_lists_provenance_and_fails_beyond_the_tolerance(monkeypat
     out = capsys.readouterr().out
     assert code == 1, out
     assert seen["config"].quant.weight_bits == 8 and seen["config"].artifacts_dir == str(tmp_path / "art")
+    assert seen["threads"] == threads_before + 1 and torch.get_num_threads() == threads_before  # the record's count, then restored
     assert "FAIL (tolerance mode, tolerance 0.5 top-1 points" in out
     assert "  packages.torch: 2.14.1 -> 2.15.0" in out  # the provenance field that differs
     assert "quantsim               80.000      79.200   -0.800" in out  # the metric delta

@@ -7,16 +7,23 @@ key added since then takes its default value (the comparison lists it). The re-r
 is never written to ``results/runs``: it goes to a temporary folder and is then embedded in the
 reproduction report ``<out_dir>/<new run id>.json``, next to the comparison. Its artifacts go
 to ``<artifacts_dir>/<new run id>/``.
+
+The re-run uses the original's torch intra-op thread count (``provenance.hardware.torch_threads``)
+when the record has one: float reductions are summed in a thread-dependent order, so the thread
+count is part of what makes two CPU runs bit-identical.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -137,6 +144,18 @@ def _onnx_without_doc(path: Path) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads (None or a non-positive count: unchanged)."""
+    before = torch.get_num_threads()
+    if isinstance(count, int) and count > 0:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def reproduce(record_path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, out_dir: str | Path = "results/reproduced",
               artifacts_dir: str | Path = "artifacts/reproduced", overrides: Sequence[str] = ()) -> Reproduction:
     """Re-run the record at ``record_path``, compare, and write the reproduction report.
@@ -147,7 +166,8 @@ def reproduce(record_path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, 
     """
     record_path = Path(record_path)
     original = json.loads(record_path.read_text())
-    with tempfile.TemporaryDirectory(prefix="quantzoo-reproduce-") as tmp:
+    threads = original.get("provenance", {}).get("hardware", {}).get("torch_threads")
+    with tempfile.TemporaryDirectory(prefix="quantzoo-reproduce-") as tmp, torch_threads(threads):
         executed = execute(run_config(original, results_dir=tmp, artifacts_dir=artifacts_dir, overrides=overrides))
         reproduced = json.loads(Path(executed["record_path"]).read_text())
     comparison = compare_records(original, reproduced, tolerance=tolerance)
