@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from quantlib.config import load_config
 from quantlib.cost import model_cost
 from quantlib.ptq.adaround import apply_adaround
 from quantlib.ptq.mixed_precision import MixedPrecisionConfig, greedy_path, search_mixed_precision
@@ -17,7 +18,6 @@ from quantlib.ptq.precision_formats import Candidate, PrecisionSwitch, parse_can
 from quantlib.ptq.quantizer_groups import quantizer_groups
 from quantlib.ptq.registry import PTQConfigError
 from quantlib.ptq.weight_freeze import is_frozen, weight_codes
-from quantlib.config import load_config
 from quantlib.quantsim import QuantSim
 
 X = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
