@@ -140,6 +140,35 @@ def test_bitops_come_from_the_record_cost_and_missing_cost_is_blank(tmp_path):
     assert files[bitops_png] != empty[bitops_png]  # the costed row is drawn; the other chart has no point
 
 
+def _with_mixed_precision(record: dict, groups_per_candidate: dict, *, autoquant: bool = False) -> dict:
+    summary = {"groups_per_candidate": groups_per_candidate, "met": True}
+    step = {"name": "mixed_precision", "summary": summary}
+    if autoquant:
+        step = {"name": "autoquant", "summary": {"applied": ["cle", "mixed_precision"], "trials": [
+            {"rung": "mixed_precision", "tried": True, "kept": True, "summary": summary}]}}
+    record.setdefault("ptq", {})["steps"] = [step]
+    return record
+
+
+def test_a_mixed_precision_result_is_not_filed_under_its_recipes_starting_bits(tmp_path):
+    _write(tmp_path / "runs",
+           _with_mixed_precision(_record(recipe="mp", tag="00000001"), {"w4a8": 9, "w8a8": 41}),
+           _with_mixed_precision(_record(recipe="mp_autoquant", tag="00000002"), {"w4a8": 3, "w8a8": 47}, autoquant=True),
+           _with_mixed_precision(_record(recipe="mp_widest", tag="00000003"), {"w16a16": 50}),
+           _with_mixed_precision(_record(recipe="mp_unmet", tag="00000004"), {"w8a8": 50}))
+    files = render_results(tmp_path / "runs", _cards())
+    rows = {r["recipe"]: r for r in _csv_rows(files)}
+    for recipe in ("mp", "mp_autoquant", "mp_widest"):  # formats other than the recipe's: mixed, no bits
+        assert (rows[recipe]["weight_bits"], rows[recipe]["activation_bits"], rows[recipe]["mixed_precision"]) == ("", "", "true")
+    assert (rows["mp_unmet"]["weight_bits"], rows["mp_unmet"]["mixed_precision"]) == ("8", "false")  # stayed all-w8a8
+    readme = files["README.md"].decode()
+    zoo_line = next(line for line in readme.splitlines() if line.startswith("| Image classification | `efficientnet_lite0`"))
+    w8a8_cell, w4a8_cell, other_cell = zoo_line.split(" | ")[4:7]
+    assert "mp_unmet" in w8a8_cell and "mp:" not in w8a8_cell and "mp_widest" not in w8a8_cell
+    assert all(name in other_cell for name in ("mp:", "mp_autoquant", "mp_widest"))
+    assert "| `efficientnet_lite0` | mp | mixed |" in readme
+
+
 def test_charts_are_deterministic_pngs_without_timestamps(tmp_path):
     _write(tmp_path / "runs", _record(), _record(recipe="w4a8", bits=(4, 8), tag="00000002", top1=70.0))
     first, second = render_results(tmp_path / "runs", _cards()), render_results(tmp_path / "runs", _cards())

@@ -123,7 +123,7 @@ def _runs_table(rows: Sequence[ResultRow]) -> list[str]:
         "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in sorted(rows, key=lambda r: (r.model, r.recipe)):
-        bits = "" if row.bits_key is None else f"{row.weight_bits}/{row.activation_bits}"
+        bits = "mixed" if row.mixed_precision else "" if row.bits_key is None else f"{row.weight_bits}/{row.activation_bits}"
         published = "" if row.published is None else f"{fmt_pct(row.published.value)} ({row.published.recipe})"
         calib = ("published checkpoint" if row.source == "published_checkpoint"
                  else "" if row.num_calibration_samples is None else f"{row.num_calibration_samples:,}")

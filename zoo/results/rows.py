@@ -8,7 +8,7 @@ and activations), which is how the AIMET model zoo names its columns.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,9 @@ class ResultRow:
 
     ``source`` is how the simulated model got its encodings: ``calibration`` (on
     ``num_calibration_samples`` images) or ``published_checkpoint`` (loaded; no calibration count).
+    ``weight_bits``/``activation_bits`` are the recipe's, or None with ``mixed_precision`` true when
+    a mixed-precision search left the model in formats other than the recipe's (see
+    :func:`final_precision`).
     """
 
     dataset: str
@@ -31,6 +34,7 @@ class ResultRow:
     recipe: str
     weight_bits: int | None
     activation_bits: int | None
+    mixed_precision: bool
     quant_config: str | None
     fp32_top1: float
     sim_top1: float
@@ -104,12 +108,43 @@ def _published(card: ModelCard | None, recipe: str, bits_key: str | None) -> Pub
     return result
 
 
+def _mixed_precision_summaries(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Summaries of the mixed-precision searches that shaped the model: ``mixed_precision`` steps and
+    the kept ``mixed_precision`` rung of an AutoQuant step that applied it."""
+    found = []
+    for step in _get(record, "ptq", "steps") or []:
+        summary = step.get("summary") or {}
+        if step.get("name") == "mixed_precision":
+            found.append(summary)
+        elif step.get("name") == "autoquant" and "mixed_precision" in (summary.get("applied") or []):
+            found.extend(t.get("summary") or {} for t in summary.get("trials", [])
+                         if t.get("rung") == "mixed_precision" and t.get("kept"))
+    return found
+
+
+def final_precision(record: Mapping[str, Any]) -> tuple[int | None, int | None, bool]:
+    """(weight bits, activation bits, mixed) of the model a record evaluated.
+
+    The recipe's ``quant.weight_bits``/``activation_bits``, unless a mixed-precision search chose
+    any other candidate for some layer group (``groups_per_candidate`` of its summary): then
+    ``(None, None, True)``, because the model mixes formats (groups outside the search keep the
+    recipe's bits).
+    """
+    quant = _get(record, "provenance", "config", "quant") or {}
+    weight_bits, activation_bits = quant.get("weight_bits"), quant.get("activation_bits")
+    recipe_key = None if weight_bits is None or activation_bits is None else f"w{weight_bits}a{activation_bits}"
+    for summary in _mixed_precision_summaries(record):
+        if set(summary.get("groups_per_candidate") or {}) - {recipe_key}:
+            return None, None, True
+    return weight_bits, activation_bits, False
+
+
 def row_from_record(loaded: LoadedRecord, card: ModelCard | None) -> ResultRow:
     """Build the row of one run record; ``card`` (None for a model no longer in the zoo) adds published numbers."""
     r = loaded.data
     metrics = r["metrics"]
     quant = _get(r, "provenance", "config", "quant") or {}
-    weight_bits, activation_bits = quant.get("weight_bits"), quant.get("activation_bits")
+    weight_bits, activation_bits, mixed = final_precision(r)
     bits_key = None if weight_bits is None or activation_bits is None else f"w{weight_bits}a{activation_bits}"
     ort = metrics.get("onnxruntime")
     cost = r.get("cost") or {}
@@ -122,6 +157,7 @@ def row_from_record(loaded: LoadedRecord, card: ModelCard | None) -> ResultRow:
         recipe=r["recipe"],
         weight_bits=weight_bits,
         activation_bits=activation_bits,
+        mixed_precision=mixed,
         quant_config=quant.get("config"),
         fp32_top1=float(metrics["fp32"]["top1"]),
         sim_top1=float(metrics["quantsim"]["top1"]),

@@ -46,6 +46,7 @@ COLUMNS: tuple[tuple[str, Callable[[ResultRow], str]], ...] = (
     ("recipe", lambda r: r.recipe),
     ("weight_bits", lambda r: _plain(r.weight_bits)),
     ("activation_bits", lambda r: _plain(r.activation_bits)),
+    ("mixed_precision", lambda r: _plain(r.mixed_precision)),
     ("quant_config", lambda r: _plain(r.quant_config)),
     ("fp32_top1", lambda r: fmt_pct(r.fp32_top1)),
     ("sim_top1", lambda r: fmt_pct(r.sim_top1)),
