@@ -10,14 +10,14 @@ such pass shares; the passes' configs extend it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from ..quantsim import QuantSim
+from ..threads import torch_threads
 from .chunk_store import ChunkStore
 from .layer_cache import CacheConfig, LayerData, collect_samples, stream_layers
 from .pass_config import PassConfigError, check_choice, check_int
@@ -98,20 +98,6 @@ class LayerwiseStats:
     def to_dict(self) -> dict[str, Any]:
         return {"num_samples": self.num_samples, "seconds": round(self.seconds, 3),
                 "peak_cache_mb": round(self.peak_cache_mb, 1), "spilled_mb": round(self.spilled_mb, 1)}
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, then restore the previous number."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def loss_activation(layer: LayerData, config: LayerwiseConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from quantlib.io import atomic_write_text
+from quantlib.threads import torch_threads
 
 from .records import RECORD_SCHEMA_VERSION
 from .reproduce_compare import DEFAULT_TOLERANCE, Comparison, compare_records
@@ -144,18 +142,6 @@ def _onnx_without_doc(path: Path) -> bytes:
     return model.SerializeToString(deterministic=True)
 
 
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads (None or a non-positive count: unchanged)."""
-    before = torch.get_num_threads()
-    if isinstance(count, int) and count > 0:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def reproduce(record_path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, out_dir: str | Path = "results/reproduced",
               artifacts_dir: str | Path = "artifacts/reproduced", overrides: Sequence[str] = ()) -> Reproduction:
     """Re-run the record at ``record_path``, compare, and write the reproduction report.
@@ -167,6 +153,7 @@ def reproduce(record_path: str | Path, *, tolerance: float = DEFAULT_TOLERANCE, 
     record_path = Path(record_path)
     original = json.loads(record_path.read_text())
     threads = original.get("provenance", {}).get("hardware", {}).get("torch_threads")
+    threads = threads if isinstance(threads, int) and threads > 0 else None  # None: keep this process's count
     with tempfile.TemporaryDirectory(prefix="quantzoo-reproduce-") as tmp, torch_threads(threads):
         executed = execute(run_config(original, results_dir=tmp, artifacts_dir=artifacts_dir, overrides=overrides))
         reproduced = json.loads(Path(executed["record_path"]).read_text())
