@@ -305,3 +305,79 @@ def test_mirror_caches_every_sample_and_its_mirror_image():
     assert [c.shape[0] for c in plain] == [3, 1] and [c.shape[0] for c in mirrored] == [3, 3, 2]
     both = torch.cat(mirrored)
     assert torch.equal(both[:4], images[:4]) and torch.equal(both[4:], images[:4].flip(-1))
+
+
+@pytest.mark.parametrize("crop", [None, 4])
+def test_input_drop_mixes_float_inputs_into_quantized_ones_elementwise(crop):
+    """QDrop: each input element is the float reference's with probability input_drop, the
+    quantized one otherwise, over the same window; 0 and 1 give exactly one of the two."""
+    from quantlib.ptq.chunk_store import ChunkStore
+    from quantlib.ptq.layer_cache import LayerData
+    from quantlib.ptq.layer_ops import ReconstructionBatches
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    float_input = torch.randn(8, 4, 12, 12)
+    quantized_input = float_input + 100.0  # far apart, so every element says where it came from
+    with torch.no_grad(), ChunkStore(0) as store:
+        store.append("q", quantized_input)
+        store.append("f", float_input)
+        store.append("y", conv(float_input))
+        layer = LayerData(name="conv", module=conv, store=store, input_key="q", target_key="y", float_input_key="f")
+        assert torch.equal(layer.float_inputs(0), float_input)
+        fractions = {}
+        for drop in (0.0, 0.3, 1.0):
+            batches = ReconstructionBatches(layer, crop=crop, generator=torch.Generator().manual_seed(0), input_drop=drop)
+            windows = [batches.sample() for _ in range(10)]
+            if drop == 1.0:  # every element float: the layer reproduces the float target window exactly
+                for x, target in windows:
+                    assert torch.allclose(batches.forward(x, conv.weight, conv.bias), target, atol=1e-5)
+            inside = torch.cat([x.flatten() for x, _ in windows])
+            inside = inside[inside != 0]  # zero padding added around a window is neither
+            fractions[drop] = float((inside < 50).float().mean())
+    assert fractions[0.0] == 0.0 and fractions[1.0] == 1.0
+    assert 0.27 < fractions[0.3] < 0.33
+
+
+def test_layers_get_the_float_models_inputs_next_to_the_quantized_ones():
+    """stream_layers hands each layer the float reference's input for the same samples: for the
+    second layer of Linear -> ReLU -> Linear it is the float first layer's ReLU output, while its
+    quantized input carries the 4-bit activation grid."""
+    from quantlib.ptq.layerwise import LayerwiseConfig, run_layerwise
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = correlated_inputs(64)
+    config = load_config("per_channel").with_defaults(weight={"bitwidth": 4}, activation={"bitwidth": 4})
+    sim = QuantSim(model, x[:1], config)
+    sim.calibrate([x], progress=False)
+    seen = {}
+
+    def record(layer, generator):
+        seen[layer.name] = (layer.inputs(0).clone(), layer.float_inputs(0).clone())
+
+    run_layerwise(sim, [x], LayerwiseConfig(num_samples=64, batch_size=64), record, method="test", progress=False)
+    quantized, float_input = seen["2"]
+    with torch.no_grad():
+        assert torch.allclose(float_input, model[1](model[0](x)), atol=1e-6)
+        assert not torch.allclose(quantized, float_input, atol=1e-3)
+    assert quantized.unique().numel() <= 16  # the 4-bit activation grid
+
+
+def test_adaround_with_input_drop_lowers_layer_output_mse_against_nearest_rounding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = correlated_inputs(512)
+    config = load_config("per_channel").with_defaults(weight={"bitwidth": 4}, activation={"bitwidth": 4})
+    sim = QuantSim(model, x[:1], config)
+    sim.calibrate([x], progress=False)
+    result = apply_adaround(sim, [x], {**FAST, "input_drop": 0.5, "keep_nearest_if_worse": False}, progress=False)
+    assert [layer.mse_adaround < layer.mse_nearest for layer in result.layers] == [True, True]
+    assert result.to_dict()["config"]["input_drop"] == 0.5
+
+
+def test_input_drop_errors_name_the_setting():
+    with pytest.raises(PassConfigError, match=r"input_drop=1.5 must be a probability in \[0, 1\]"):
+        AdaRoundConfig(input_drop=1.5)
+    with pytest.raises(PassConfigError, match=r"input_drop=0.5 .* needs input_source='quantized', not 'fp32'"):
+        AdaRoundConfig(input_drop=0.5, input_source="fp32")

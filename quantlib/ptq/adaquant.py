@@ -145,7 +145,7 @@ def adaquant_layer(layer: LayerData, config: AdaQuantConfig, generator: torch.Ge
     groups = [{"params": [steps], "lr": config.learning_rate}]
     if bias is not None:
         groups.append({"params": [bias], "lr": config.bias_learning_rate})
-    batches = ReconstructionBatches(layer, config.crop, generator, activation)
+    batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop)
     total = config.num_iterations
     with torch.inference_mode(False), torch.enable_grad():
         optimizer = torch.optim.Adam(groups)

@@ -202,7 +202,7 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
     nearest = quantize(weight, wq.scale, wq.zero_point, spec)
     v = torch.nn.Parameter(inverse_rectified_sigmoid((scaled - floor).clamp(0.0, 1.0)))
     activation = loss_activation(layer, config)
-    batches = ReconstructionBatches(layer, config.crop, generator, activation)
+    batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop)
     history: list[dict[str, float | None]] = []
     log_at = _log_iterations(config.num_iterations, config.history_points)
     with torch.inference_mode(False), torch.enable_grad():

@@ -3,8 +3,8 @@
 :func:`stream_layers` runs a simulated model (``QuantSim.model``) and a float reference with the
 same graph node by node over a fixed set of cached samples. When it reaches a selected weight
 layer it hands the callback that layer's cached inputs (from the quantized model as optimized so
-far, the AIMET AdaRound default, or from the float reference) and its float outputs (the
-reconstruction targets). The callback may change the layer (new weights, frozen encodings); the
+far, the AIMET AdaRound default, or from the float reference), the float reference's inputs, and
+its float outputs (the reconstruction targets). The callback may change the layer (new weights, frozen encodings); the
 quantized stream then continues with the changed layer, so every later layer sees the inputs the
 final model will give it. Each node is computed once per model (cost: about one forward pass of
 each model over the cached samples), unlike re-running the model prefix for every layer.
@@ -69,7 +69,9 @@ class LayerData:
     """The cached data of one weight layer, as handed to a :func:`stream_layers` callback.
 
     Chunk ``i`` holds ``batch_size`` samples: ``inputs(i)`` is what the layer receives (its first
-    argument) and ``targets(i)`` the float reference layer's output for the same samples.
+    argument), ``float_inputs(i)`` what the float reference layer receives for the same samples
+    (the same tensors when the layer's inputs come from the reference) and ``targets(i)`` the
+    float reference layer's output.
     ``activation`` is the ReLU/ReLU6/clip applied to the layer's output next in the graph (as a
     function that leaves its input alone), or None (see :func:`following_activation`).
     """
@@ -80,6 +82,11 @@ class LayerData:
     input_key: str
     target_key: str
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    float_input_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.float_input_key is None:
+            self.float_input_key = self.input_key
 
     @property
     def num_chunks(self) -> int:
@@ -88,11 +95,17 @@ class LayerData:
     def inputs(self, index: int) -> torch.Tensor:
         return self.store.get(self.input_key, index)
 
+    def float_inputs(self, index: int) -> torch.Tensor:
+        return self.store.get(self.float_input_key, index)
+
     def targets(self, index: int) -> torch.Tensor:
         return self.store.get(self.target_key, index)
 
     def input_view(self, index: int) -> torch.Tensor | np.ndarray:
         return self.store.view(self.input_key, index)
+
+    def float_input_view(self, index: int) -> torch.Tensor | np.ndarray:
+        return self.store.view(self.float_input_key, index)
 
     def target_view(self, index: int) -> torch.Tensor | np.ndarray:
         return self.store.view(self.target_key, index)
@@ -266,10 +279,12 @@ def stream_layers(model: fx.GraphModule, reference: fx.GraphModule, samples: lis
                         raise ValueError(f"layer {node.target} takes no tensor argument in the graph")
                     prefix = "r:" if reference_inputs else "q:"
                     input_key = "input" if source.op == "placeholder" else prefix + source.name
+                    float_input_key = "input" if source.op == "placeholder" else "r:" + source.name
                     compute(node, ref_runner, "r:")  # the float outputs: reconstruction targets
                     on_layer(LayerData(name=str(node.target), module=quant_runner.modules[node.target],
                                        store=store, input_key=input_key, target_key="r:" + node.name,
-                                       activation=following_activation(node, quant_runner.modules)))
+                                       activation=following_activation(node, quant_runner.modules),
+                                       float_input_key=float_input_key))
                     if node in needed and not reference_inputs:
                         compute(node, quant_runner, "q:")
                     elif node not in needed:

@@ -6,7 +6,8 @@ subclasses) without touching the module. :class:`ReconstructionBatches` draws ra
 of (input, float target) from a :class:`~quantlib.ptq.layer_cache.LayerData`; with ``crop`` set, a
 convolution sees a random ``crop x crop`` window of its output per mini-batch (and exactly the
 input window that produces it, zero padding included), an unbiased estimate of the full-map
-reconstruction loss at a fraction of the cost for layers with large feature maps.
+reconstruction loss at a fraction of the cost for layers with large feature maps. With
+``input_drop`` it mixes the float reference's inputs into the quantized ones (QDrop).
 """
 
 from __future__ import annotations
@@ -56,15 +57,27 @@ class ReconstructionBatches:
     and the padded input window that produces it; :meth:`forward` then runs the layer without
     padding, giving exactly the corresponding window of the full output. With ``activation``
     (e.g. ``layer.activation``), targets and outputs are both passed through it.
+
+    ``input_drop`` in [0, 1] is QDrop's activation-quantization drop (Wei et al., ICLR 2022,
+    "QDrop: Randomly Dropping Quantization for Extremely Low-bit Post-Training Quantization"):
+    each element of a sampled input is replaced by the float reference's input at that position
+    with this probability (a fresh mask per sample), so the rounding is fitted to a neighbourhood
+    of the quantized inputs instead of exactly the calibration set's, which flattens the loss
+    surface the eval data sees. 0 gives the quantized inputs unchanged (AIMET); 1 gives the float
+    inputs (``input_source="fp32"``).
     """
 
     def __init__(self, data: LayerData, crop: int | None, generator: torch.Generator,
-                 activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 input_drop: float = 0.0) -> None:
+        if not 0.0 <= input_drop <= 1.0:
+            raise ValueError(f"input_drop={input_drop} must be a probability in [0, 1]")
         self.data = data
         self.module = data.module
         self.crop = crop
         self.generator = generator
         self.activation = activation
+        self.input_drop = input_drop if data.float_input_key != data.input_key else 0.0
         self.device = data.device()
         view = data.target_view(0)
         spatial = tuple(view.shape[2:]) if len(view.shape) > 2 else ()
@@ -80,29 +93,44 @@ class ReconstructionBatches:
 
     def _window(self) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._randint(self.data.num_chunks)
+        mixing = self.input_drop > 0.0
         if not self.windowed:
-            return self.data.inputs(index), self.data.targets(index)
+            x, y = self.data.inputs(index), self.data.targets(index)
+            return (self._mix(x, self.data.float_inputs(index)) if mixing else x), y
         x_view, y_view = self.data.input_view(index), self.data.target_view(index)
+        in_slices, out_slices, pads = self._window_slices(tuple(y_view.shape[2:]), tuple(x_view.shape[2:]))
+        x = take(x_view, (slice(None), slice(None), *in_slices), self.device)
+        if mixing:
+            x_float = take(self.data.float_input_view(index), (slice(None), slice(None), *in_slices), self.device)
+            x = self._mix(x, x_float)
+        y = take(y_view, (slice(None), slice(None), *out_slices), self.device)
+        flat_pad = [p for before_after in reversed(pads) for p in before_after]
+        if any(flat_pad):
+            x = F.pad(x, flat_pad)
+        return x, y
+
+    def _mix(self, quantized: torch.Tensor, float_input: torch.Tensor) -> torch.Tensor:
+        """``quantized`` with each element replaced by ``float_input``'s with probability ``input_drop``."""
+        keep_float = torch.rand(quantized.shape, generator=self.generator) < self.input_drop
+        return torch.where(keep_float.to(quantized.device), float_input, quantized)
+
+    def _window_slices(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+                       ) -> tuple[list[slice], list[slice], list[tuple[int, int]]]:
+        """Input slices, output slices and (before, after) zero padding of one random output window."""
         module = self.module
         in_slices, out_slices, pads = [], [], []
-        for dim, out_size in enumerate(y_view.shape[2:]):
+        for dim, out_size in enumerate(out_shape):
             size = min(self.crop, out_size)
             start = self._randint(out_size - size + 1)
             stride, pad, dilation, kernel = (module.stride[dim], module.padding[dim],
                                              module.dilation[dim], module.kernel_size[dim])
             first = start * stride - pad
             last = (start + size - 1) * stride - pad + dilation * (kernel - 1) + 1  # exclusive
-            in_size = x_view.shape[2 + dim]
-            lo, hi = max(first, 0), min(last, in_size)
+            lo, hi = max(first, 0), min(last, in_shape[dim])
             in_slices.append(slice(lo, hi))
             out_slices.append(slice(start, start + size))
             pads.append((lo - first, last - hi))
-        x = take(x_view, (slice(None), slice(None), *in_slices), self.device)
-        y = take(y_view, (slice(None), slice(None), *out_slices), self.device)
-        flat_pad = [p for before_after in reversed(pads) for p in before_after]
-        if any(flat_pad):
-            x = F.pad(x, flat_pad)
-        return x, y
+        return in_slices, out_slices, pads
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's output on a sampled input with the given weights (after ``activation``)."""

@@ -41,6 +41,11 @@ class LayerwiseConfig:
         mirror: also cache every sample mirrored left-right (see :class:`CacheConfig`).
         input_source: "quantized" (inputs from the quantized model as optimized so far, the AIMET
             default) or "fp32" (inputs from the float model).
+        input_drop: QDrop (Wei et al. 2022): during the optimization each element of a layer's
+            quantized input is replaced by the float model's input with this probability (0.5
+            in the paper); 0 (the default) leaves the quantized inputs alone. Needs
+            ``input_source="quantized"``; the comparison with round-to-nearest after the
+            optimization always uses the quantized inputs the final model gives the layer.
         include, exclude: fnmatch globs over weight module names selecting the layers.
         seed: seeds the mini-batch order.
         through_activation: measure the reconstruction error after the ReLU/ReLU6/clip that
@@ -59,6 +64,7 @@ class LayerwiseConfig:
     spill_dir: str | None = None
     mirror: bool = False
     input_source: str = "quantized"
+    input_drop: float = 0.0
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     seed: int = 0
@@ -71,6 +77,11 @@ class LayerwiseConfig:
         if self.optimizer_threads is not None:
             check_int("optimizer_threads", self.optimizer_threads, 1)
         check_choice("input_source", self.input_source, INPUT_SOURCES)
+        if not isinstance(self.input_drop, (int, float)) or not 0.0 <= self.input_drop <= 1.0:
+            raise PassConfigError(f"input_drop={self.input_drop!r} must be a probability in [0, 1] (QDrop uses 0.5)")
+        if self.input_drop > 0 and self.input_source != "quantized":
+            raise PassConfigError(f"input_drop={self.input_drop} mixes float inputs into quantized ones; "
+                                  f"it needs input_source='quantized', not {self.input_source!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str) or not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
