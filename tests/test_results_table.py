@@ -256,3 +256,22 @@ def test_a_killed_table_leaves_no_half_written_table(tmp_path):
             assert (tmp_path / name).read_bytes() == data
     leftovers = list(tmp_path.glob(".README.md.*.tmp"))
     assert len(leftovers) == 1 and leftovers[0].read_bytes() == expected["README.md"]
+
+
+def test_prune_superseded_keeps_only_the_newest_record_of_each_recipe(tmp_path, capsys):
+    old = _record(stamp="20260101T000000Z", top1=70.0)
+    new = _record(stamp="20260102T000000Z", top1=80.0)
+    other = _record(recipe="w4a8", stamp="20250101T000000Z", bits=(4, 8))
+    _write(tmp_path / "runs", old, new, other)
+    (tmp_path / "runs" / old["run_id"]).mkdir()
+    (tmp_path / "runs" / old["run_id"] / "plot.png").write_bytes(b"png")
+    shown_before = render_results(tmp_path / "runs", _cards())
+    assert main(["table", "--prune-superseded", "--results-dir", str(tmp_path)]) == 0
+    assert f"pruned superseded record {old['run_id']}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
+        [f"{new['run_id']}.json", f"{other['run_id']}.json"])
+    after = render_results(tmp_path / "runs", _cards())
+    assert _csv_rows(after) == _csv_rows(shown_before)  # the tables showed only the newest already
+    assert main(["table", "--check", "--results-dir", str(tmp_path)]) == 0
+    assert main(["table", "--prune-superseded", "--check", "--results-dir", str(tmp_path)]) == 2
+    assert "--check writes nothing" in capsys.readouterr().err

@@ -11,7 +11,7 @@ Nobody types a number into these files; this package imports neither quantlib no
 """
 
 from .build import README, render_results, result_rows
-from .records import LoadedRecord, RecordError, load_records, newest_per_key
+from .records import LoadedRecord, RecordError, load_records, newest_per_key, superseded
 from .rows import ResultRow, row_from_record
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "render_results",
     "result_rows",
     "row_from_record",
+    "superseded",
 ]

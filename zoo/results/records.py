@@ -93,3 +93,10 @@ def newest_per_key(records: list[LoadedRecord]) -> list[LoadedRecord]:
         if current is None or record.order > current.order:
             newest[record.key] = record
     return [newest[key] for key in sorted(newest)]
+
+
+def superseded(records: list[LoadedRecord]) -> list[LoadedRecord]:
+    """The records :func:`newest_per_key` leaves out (an older run of the same dataset, model and
+    recipe), in file-name order."""
+    kept = {record.file_name for record in newest_per_key(records)}
+    return [record for record in records if record.file_name not in kept]
