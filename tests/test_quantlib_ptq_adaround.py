@@ -381,3 +381,69 @@ def test_input_drop_errors_name_the_setting():
         AdaRoundConfig(input_drop=1.5)
     with pytest.raises(PassConfigError, match=r"input_drop=0.5 .* needs input_source='quantized', not 'fp32'"):
         AdaRoundConfig(input_drop=0.5, input_source="fp32")
+
+
+class _ResidualBlock(nn.Module):
+    """1x1 expand -> ReLU -> 3x3 depthwise -> ReLU -> 1x1 project, plus the skip connection."""
+
+    def __init__(self, channels: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.conv3 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):
+        return x + self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+
+
+def residual_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), _ResidualBlock(), _ResidualBlock(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+
+
+def test_block_regions_group_each_blocks_layers_with_its_skip_connection():
+    from quantlib.ptq.regions import block_regions, layer_regions
+
+    model = residual_net()
+    sim = QuantSim(model, torch.zeros(1, 3, 8, 8), w4_a16_config())
+    names = list(sim.weight_modules())
+    regions = block_regions(sim.model, names)
+    assert [(r.name, r.layers) for r in regions] == [
+        ("0", ("0",)), ("2", ("2.conv1", "2.conv2", "2.conv3")), ("3", ("3.conv1", "3.conv2", "3.conv3")), ("6", ("6",))]
+    block = regions[1]
+    assert any(n.op == "call_function" and n.target.__name__ == "add" for n in block.nodes)  # the skip add is inside
+    assert all(arg is block.input or arg in block.nodes or arg.op == "get_attr"
+               for n in block.nodes for arg in n.all_input_nodes)  # one input from outside
+    assert [r.layers for r in layer_regions(sim.model, names)] == [(name,) for name in names]
+
+
+def test_block_adaround_lowers_block_output_mse_and_freezes_every_layer():
+    model = residual_net()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 3, 8, 8, generator=g)
+    held_out = torch.randn(128, 3, 8, 8, generator=g)
+    config = load_config("per_channel").with_defaults(weight={"bitwidth": 4}, activation={"bitwidth": 8})
+    sim = QuantSim(model, x[:1], config)
+    sim.calibrate([x], progress=False)
+    before = output_mse(model, sim, held_out)
+    result = apply_adaround(sim, [x], {**FAST, "num_samples": 256, "reconstruct": "block", "crop": None,
+                                       "keep_nearest_if_worse": False}, progress=False)
+    after = output_mse(model, sim, held_out)
+    assert [layer.name for layer in result.layers] == ["0", "2", "3", "6"]
+    assert result.layers[1].layers == ["2.conv1", "2.conv2", "2.conv3"]
+    assert all(layer.mse_adaround < layer.mse_nearest for layer in result.layers)
+    assert after < before
+    for name, module in sim.weight_modules().items():
+        quantizer = module.weight_quantizer
+        assert is_frozen(quantizer) and quantizer.frozen_by == "adaround", name
+        scale = quantizer.scale.reshape(-1, *([1] * (module.weight.dim() - 1)))
+        assert torch.equal(module.weight, weight_codes(module).float() * scale), name  # exactly on the grid
+    assert 0.0 < result.layers[1].flipped < 0.5
+
+
+def test_block_reconstruction_needs_whole_feature_maps():
+    with pytest.raises(PassConfigError, match=r"crop=8 crops one layer's output; reconstruct='block' .* set crop: null"):
+        AdaRoundConfig(reconstruct="block", crop=8)
+    with pytest.raises(PassConfigError, match=r"reconstruct"):
+        AdaRoundConfig(reconstruct="blocks")

@@ -38,18 +38,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
+from torch import nn
 
 from ..affine import dequantize, expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
-from .layer_ops import ReconstructionBatches, reconstruction_mse
+from .layer_ops import ReconstructionBatches, mix_inputs, reconstruction_mse
 from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise
 from .pass_config import PassConfigError, check_choice, check_int, check_positive, config_from_mapping
+from .regions import RegionData
 from .registry import PTQContext, PTQStep
 from .weight_freeze import write_weight_codes
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Louizos et al. 2018), as in the paper
 BETA_SCHEDULES = ("cosine", "linear")
+RECONSTRUCT = ("layer", "block")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,12 @@ class AdaRoundConfig(LayerwiseConfig):
         keep_nearest_if_worse: when the AdaRounded layer's output MSE on the first cached chunk
             (whole feature maps) is above round-to-nearest's, keep round-to-nearest for that layer
             (the soft rounding may not have converged in a short schedule).
+        reconstruct: "layer" (the paper and AIMET: each layer's output) or "block" (BRECQ, Li et
+            al. 2021: the roundings of all layers of a block, e.g. an inverted-residual block with
+            its skip connection, are optimized jointly on the block's output, with the activation
+            quantizers inside the block on; see :func:`~quantlib.ptq.regions.block_regions`). A
+            block step runs whole feature maps, so ``crop`` must be unset, and the block output is
+            compared as it is (``through_activation`` does not apply).
 
     The AIMET defaults suit 10,000 iterations. For short CPU schedules a larger step and
     regularizer converge ``h(V)`` to 0/1 in time: on EfficientNet-Lite0 W4A8, 500 iterations with
@@ -84,9 +93,14 @@ class AdaRoundConfig(LayerwiseConfig):
     learning_rate: float = 1e-3
     history_points: int = 20
     keep_nearest_if_worse: bool = True
+    reconstruct: str = "layer"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("reconstruct", self.reconstruct, RECONSTRUCT)
+        if self.reconstruct == "block" and self.crop is not None:
+            raise PassConfigError(f"crop={self.crop} crops one layer's output; reconstruct='block' runs whole "
+                                  "feature maps through a block, so set crop: null")
         check_int("num_iterations", self.num_iterations, 0)
         check_positive("reg_weight", self.reg_weight, allow_zero=True)
         check_positive("beta_end", self.beta_end)
@@ -129,6 +143,8 @@ class AdaRoundLayerResult:
     cached chunk (whole feature maps) with round-to-nearest and with the AdaRounded weights;
     ``flipped``: fraction of codes that differ from round-to-nearest (0 when ``kept_nearest``);
     ``kept_nearest``: AdaRound was worse on that chunk and round-to-nearest was kept.
+    With ``reconstruct="block"`` one result covers a block: ``name`` is the block, ``layers`` its
+    weight layers, ``bitwidth`` the narrowest of them, and the MSEs are of the block's output.
     """
 
     name: str
@@ -141,6 +157,7 @@ class AdaRoundLayerResult:
     seconds: float
     kept_nearest: bool = False
     history: list[dict[str, float | None]] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -181,43 +198,77 @@ def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mappi
     holds its grid values and its weight encoding is frozen.
     """
     config = config_from_mapping(AdaRoundConfig, config, "adaround")
-    layers, stats = run_layerwise(sim, data, config, lambda layer, gen: adaround_layer(layer, config, gen),
-                                  method="adaround", progress=progress)
+    if config.reconstruct == "block":
+        layers, stats = run_layerwise(sim, data, config, lambda block, gen: adaround_block(block, config, gen),
+                                      method="adaround", progress=progress, blocks=True)
+    else:
+        layers, stats = run_layerwise(sim, data, config, lambda layer, gen: adaround_layer(layer, config, gen),
+                                      method="adaround", progress=progress)
     return AdaRoundResult(layers=layers, stats=stats, config=config)
+
+
+class SoftRounding:
+    """One layer's AdaRound variables with its weight encoding fixed: ``v`` (a Parameter) starts
+    where the soft rounding equals the float weight; :meth:`soft` gives the soft weight and
+    ``h(V)``, :meth:`codes` the hard rounding, ``nearest`` round-to-nearest's codes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        wq = module.weight_quantizer
+        self.spec = wq.spec
+        weight = module.weight.detach().float()
+        self.num_weights = weight.numel()
+        self.bias = module.bias.detach().float() if module.bias is not None else None
+        self.scale = expand_qparam(wq.scale, weight.shape, self.spec)
+        self.zero_point = expand_qparam(wq.zero_point, weight.shape, self.spec).float()
+        scaled = weight / self.scale
+        floor = torch.floor(scaled)
+        self.shifted_floor = floor + self.zero_point  # loop invariant: the grid code below each weight
+        self.nearest = quantize(weight, wq.scale, wq.zero_point, self.spec)
+        self.v = torch.nn.Parameter(inverse_rectified_sigmoid((scaled - floor).clamp(0.0, 1.0)))
+
+    def soft(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft weight, h(V))."""
+        h = rectified_sigmoid(self.v)
+        soft = (torch.clamp(self.shifted_floor + h, self.spec.quant_min, self.spec.quant_max) - self.zero_point) * self.scale
+        return soft, h
+
+    @torch.no_grad()
+    def codes(self) -> torch.Tensor:
+        return torch.clamp(self.shifted_floor + (self.v >= 0).float(), self.spec.quant_min, self.spec.quant_max).to(torch.int32)
+
+    def dequantized(self, codes: torch.Tensor) -> torch.Tensor:
+        wq = self.module.weight_quantizer
+        return dequantize(codes, wq.scale, wq.zero_point, self.spec)
+
+
+def _regularizer(config: AdaRoundConfig, h: torch.Tensor, beta: float | None) -> torch.Tensor | None:
+    """The rounding regularizer at exponent ``beta`` (None while the warm start lasts or without it)."""
+    if beta is None or config.reg_weight == 0:
+        return None
+    return config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
 
 
 def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Generator) -> AdaRoundLayerResult:
     """Optimize the rounding of one layer on its cached data, then write the codes and freeze."""
     start = time.perf_counter()
-    module = layer.module
-    wq = module.weight_quantizer
-    spec = wq.spec
-    weight = module.weight.detach().float()
-    bias = module.bias.detach().float() if module.bias is not None else None
-    scale = expand_qparam(wq.scale, weight.shape, spec)
-    zero_point = expand_qparam(wq.zero_point, weight.shape, spec).float()
-    scaled = weight / scale
-    floor = torch.floor(scaled)
-    shifted_floor = floor + zero_point  # loop invariant: the grid code below each weight
-    nearest = quantize(weight, wq.scale, wq.zero_point, spec)
-    v = torch.nn.Parameter(inverse_rectified_sigmoid((scaled - floor).clamp(0.0, 1.0)))
+    rounding = SoftRounding(layer.module)
+    bias = rounding.bias
     activation = loss_activation(layer, config)
     batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop)
     history: list[dict[str, float | None]] = []
     log_at = _log_iterations(config.num_iterations, config.history_points)
     with torch.inference_mode(False), torch.enable_grad():
-        optimizer = torch.optim.Adam([v], lr=config.learning_rate)
+        optimizer = torch.optim.Adam([rounding.v], lr=config.learning_rate)
         for iteration in range(config.num_iterations):
             x, target = batches.sample()
-            h = rectified_sigmoid(v)
-            soft = (torch.clamp(shifted_floor + h, spec.quant_min, spec.quant_max) - zero_point) * scale
+            soft, h = rounding.soft()
             out = batches.forward(x, soft, bias)
             recon = (out - target).pow(2).sum(1).mean()
             beta = beta_at(config, iteration)
-            if beta is None or config.reg_weight == 0:
+            reg = _regularizer(config, h, beta)
+            if reg is None:
                 reg = torch.zeros((), device=recon.device)
-            else:
-                reg = config.reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
             loss = recon + reg
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,20 +276,75 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
             if iteration in log_at:
                 history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()), "reg": float(reg.detach())})
     with torch.no_grad():
-        codes = torch.clamp(shifted_floor + (v >= 0).float(), spec.quant_min, spec.quant_max).to(torch.int32)
-        mse_nearest = reconstruction_mse(layer, dequantize(nearest, wq.scale, wq.zero_point, spec), bias,
-                                         activation=activation)
-        mse_adaround = reconstruction_mse(layer, dequantize(codes, wq.scale, wq.zero_point, spec), bias,
-                                          activation=activation)
+        codes, nearest = rounding.codes(), rounding.nearest
+        mse_nearest = reconstruction_mse(layer, rounding.dequantized(nearest), bias, activation=activation)
+        mse_adaround = reconstruction_mse(layer, rounding.dequantized(codes), bias, activation=activation)
         kept_nearest = config.keep_nearest_if_worse and mse_adaround > mse_nearest
         if kept_nearest:
             codes, mse_adaround = nearest, mse_nearest
         flipped = float((codes != nearest).float().mean())
-    write_weight_codes(module, codes, "adaround")
-    return AdaRoundLayerResult(name=layer.name, bitwidth=spec.bitwidth, num_weights=weight.numel(),
+    write_weight_codes(layer.module, codes, "adaround")
+    return AdaRoundLayerResult(name=layer.name, bitwidth=rounding.spec.bitwidth, num_weights=rounding.num_weights,
                                iterations=config.num_iterations, mse_nearest=mse_nearest, mse_adaround=mse_adaround,
                                flipped=flipped, seconds=time.perf_counter() - start, kept_nearest=kept_nearest,
                                history=history)
+
+
+def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.Generator) -> AdaRoundLayerResult:
+    """BRECQ: optimize the roundings of all layers of one block jointly on the block's output
+    (one random cached chunk per step, whole feature maps; QDrop's ``input_drop`` applies to the
+    block input), then write every layer's codes and freeze them. Round-to-nearest is kept for
+    the whole block when the result is worse on the first chunk (``keep_nearest_if_worse``)."""
+    start = time.perf_counter()
+    roundings = {name: SoftRounding(module) for name, module in block.modules.items()}
+    history: list[dict[str, float | None]] = []
+    log_at = _log_iterations(config.num_iterations, config.history_points)
+
+    def block_mse(codes: dict[str, torch.Tensor]) -> float:
+        weights = {name: (r.dequantized(codes[name]), r.bias) for name, r in roundings.items()}
+        out, target = block.forward(block.inputs(0), weights), block.targets(0)
+        return float((out - target).double().pow(2).sum()) / max(target.numel(), 1)
+
+    with block.float_arithmetic():
+        with torch.inference_mode(False), torch.enable_grad():
+            optimizer = torch.optim.Adam([r.v for r in roundings.values()], lr=config.learning_rate)
+            for iteration in range(config.num_iterations):
+                index = int(torch.randint(block.num_chunks, (1,), generator=generator))
+                x, target = block.inputs(index), block.targets(index)
+                if config.input_drop > 0:
+                    x = mix_inputs(x, block.float_inputs(index), config.input_drop, generator)
+                weights, hs = {}, []
+                for name, rounding in roundings.items():
+                    soft, h = rounding.soft()
+                    weights[name] = (soft, rounding.bias)
+                    hs.append(h)
+                recon = (block.forward(x, weights) - target).pow(2).sum(1).mean()
+                beta = beta_at(config, iteration)
+                terms = [t for t in (_regularizer(config, h, beta) for h in hs) if t is not None]
+                reg = torch.stack(terms).sum() if terms else torch.zeros((), device=recon.device)
+                loss = recon + reg
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if iteration in log_at:
+                    history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()),
+                                    "reg": float(reg.detach())})
+        with torch.no_grad():
+            nearest = {name: r.nearest for name, r in roundings.items()}
+            codes = {name: r.codes() for name, r in roundings.items()}
+            mse_nearest, mse_adaround = block_mse(nearest), block_mse(codes)
+    kept_nearest = config.keep_nearest_if_worse and mse_adaround > mse_nearest
+    if kept_nearest:
+        codes, mse_adaround = nearest, mse_nearest
+    changed = sum(int((codes[name] != nearest[name]).sum()) for name in roundings)
+    total = sum(r.num_weights for r in roundings.values())
+    for name, rounding in roundings.items():
+        write_weight_codes(rounding.module, codes[name], "adaround")
+    return AdaRoundLayerResult(name=block.name, bitwidth=min(r.spec.bitwidth for r in roundings.values()),
+                               num_weights=total, iterations=config.num_iterations, mse_nearest=mse_nearest,
+                               mse_adaround=mse_adaround, flipped=changed / max(total, 1),
+                               seconds=time.perf_counter() - start, kept_nearest=kept_nearest, history=history,
+                               layers=list(roundings))
 
 
 def _log_iterations(num_iterations: int, points: int) -> set[int]:

@@ -19,7 +19,6 @@ set of one chunk: the inputs and output of one node for ``batch_size`` samples.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .chunk_store import ChunkStore
 from .layer_pairs import activation_of
+from .regions import NodeRunner, Region, RegionData, layer_regions
 from .pass_config import PassConfigError, check_int, check_positive
 
 
@@ -185,29 +185,6 @@ def collect_samples(data: Iterable, config: CacheConfig, device: torch.device) -
     return list(inputs.split(config.batch_size))
 
 
-class _Runner:
-    """Executes single fx nodes of one GraphModule (what fx.Interpreter does, one chunk at a time)."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
-
-    def attr(self, target: str) -> Any:
-        return functools.reduce(getattr, target.split("."), self.gm)
-
-    def run(self, node: fx.Node, fetch: Callable[[fx.Node], Any]) -> Any:
-        args = fx.node.map_arg(node.args, fetch)
-        kwargs = fx.node.map_arg(node.kwargs, fetch)
-        if node.op == "call_module":
-            return self.modules[node.target](*args, **kwargs)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)
-        raise RuntimeError(f"cannot execute fx node {node.name} of kind {node.op}")
-
-
 def stream_layers(model: fx.GraphModule, reference: fx.GraphModule, samples: list[torch.Tensor],
                   layers: list[str], on_layer: Callable[[LayerData], None], store: ChunkStore, *,
                   reference_inputs: bool = False, progress: bool = False, desc: str = "layers") -> None:
@@ -226,6 +203,27 @@ def stream_layers(model: fx.GraphModule, reference: fx.GraphModule, samples: lis
 
     Nothing is returned; ``model`` is changed only by what ``on_layer`` does.
     """
+    modules = dict(model.named_modules())
+
+    def visit(data: RegionData) -> None:
+        node = data.region.output
+        on_layer(LayerData(name=str(node.target), module=data.modules[str(node.target)], store=store,
+                           input_key=data.input_key, target_key=data.target_key,
+                           activation=following_activation(node, modules), float_input_key=data.float_input_key))
+
+    stream_regions(model, reference, samples, layer_regions(model, layers), visit, store,
+                   reference_inputs=reference_inputs, progress=progress, desc=desc)
+
+
+def stream_regions(model: fx.GraphModule, reference: fx.GraphModule, samples: list[torch.Tensor],
+                   regions: list[Region], on_region: Callable[[RegionData], None], store: ChunkStore, *,
+                   reference_inputs: bool = False, progress: bool = False, desc: str = "layers") -> None:
+    """Visit ``regions`` of ``model`` (:mod:`quantlib.ptq.regions`, in graph order) with their
+    cached data: what :func:`stream_layers` does for single layers, for regions of any size.
+
+    ``on_region`` gets a :class:`~quantlib.ptq.regions.RegionData` after the float reference has
+    computed the region and before the quantized model does; it may modify the region's layers.
+    """
     nodes = list(model.graph.nodes)
     ref_nodes = {n.name: n for n in reference.graph.nodes}
     if [n.name for n in nodes] != list(ref_nodes):
@@ -233,70 +231,75 @@ def stream_layers(model: fx.GraphModule, reference: fx.GraphModule, samples: lis
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise ValueError(f"layer-wise passes support models with one input; this one has {len(placeholders)}")
-    calls = [n for n in nodes if n.op == "call_module" and n.target in set(layers)]
-    missing = sorted(set(layers) - {n.target for n in calls})
-    if missing:
-        raise KeyError(f"layer {missing[0]!r} is not called in the model graph")
-    if len(calls) != len(set(layers)):
-        raise ValueError("a selected layer is called more than once; layer-wise passes need one call per layer")
-
-    needed = _ancestors(calls)
+    region_at = {region.nodes[0]: region for region in regions}
+    inside = {node for region in regions for node in region.nodes}
+    needed = _ancestors(list(inside))
     index = {n: i for i, n in enumerate(nodes)}
     last_use: dict[fx.Node, int] = {}
     for node in nodes:
-        if node in needed or node in calls:
+        if node in needed or node in inside:
             for arg in node.all_input_nodes:
                 last_use[arg] = max(last_use.get(arg, -1), index[node])
-    quant_runner, ref_runner = _Runner(model), _Runner(reference)
+    quant_runner, ref_runner = NodeRunner(model), NodeRunner(reference)
     streams = ((ref_runner, "r:"),) if reference_inputs else ((quant_runner, "q:"), (ref_runner, "r:"))
     num_chunks = len(samples)
     for chunk in samples:
         store.append("input", chunk)
 
-    def fetcher(runner: _Runner, prefix: str, chunk: int) -> Callable[[fx.Node], Any]:
+    def key(node: fx.Node, prefix: str) -> str:
+        return "input" if node.op == "placeholder" else prefix + node.name
+
+    def fetcher(runner: NodeRunner, prefix: str, chunk: int) -> Callable[[fx.Node], Any]:
         def fetch(node: fx.Node) -> Any:
-            if node.op == "placeholder":
-                return store.get("input", chunk)
             if node.op == "get_attr":
                 return runner.attr(node.target)
-            return store.get(prefix + node.name, chunk)
+            return store.get(key(node, prefix), chunk)
         return fetch
 
-    def compute(node: fx.Node, runner: _Runner, prefix: str) -> None:
+    def compute(node: fx.Node, runner: NodeRunner, prefix: str) -> None:
         target_node = node if runner is quant_runner else ref_nodes[node.name]
         for chunk in range(num_chunks):
             store.append(prefix + node.name, runner.run(target_node, fetcher(runner, prefix, chunk)))
 
-    bar = tqdm(total=len(calls), desc=desc, disable=not progress, leave=False)
+    def release(node: fx.Node) -> None:
+        for arg in node.all_input_nodes:
+            if last_use.get(arg) == index[node]:
+                store.drop("q:" + arg.name)
+                store.drop("r:" + arg.name)
+
+    bar = tqdm(total=len(regions), desc=desc, disable=not progress, leave=False)
     try:
         with torch.no_grad():
             for node in nodes:
                 if node.op in ("placeholder", "get_attr", "output"):
                     continue
-                if node in calls:
-                    source = node.args[0] if node.args else None
-                    if not isinstance(source, fx.Node):
-                        raise ValueError(f"layer {node.target} takes no tensor argument in the graph")
+                if node in region_at:
+                    region = region_at[node]
+                    for member in region.nodes:  # the float outputs: reconstruction targets
+                        compute(member, ref_runner, "r:")
                     prefix = "r:" if reference_inputs else "q:"
-                    input_key = "input" if source.op == "placeholder" else prefix + source.name
-                    float_input_key = "input" if source.op == "placeholder" else "r:" + source.name
-                    compute(node, ref_runner, "r:")  # the float outputs: reconstruction targets
-                    on_layer(LayerData(name=str(node.target), module=quant_runner.modules[node.target],
-                                       store=store, input_key=input_key, target_key="r:" + node.name,
-                                       activation=following_activation(node, quant_runner.modules),
-                                       float_input_key=float_input_key))
-                    if node in needed and not reference_inputs:
-                        compute(node, quant_runner, "q:")
-                    elif node not in needed:
-                        store.drop("r:" + node.name)
+                    on_region(RegionData(region=region, runner=quant_runner, store=store,
+                                         input_key=key(region.input, prefix), float_input_key=key(region.input, "r:"),
+                                         target_key="r:" + region.output.name))
+                    members = set(region.nodes)
+                    feeds_later = any(user not in members and (user in needed or user in inside)
+                                      for member in region.nodes for user in member.users)
+                    if feeds_later and not reference_inputs:
+                        for member in region.nodes:
+                            compute(member, quant_runner, "q:")
+                    for member in region.nodes:
+                        if member not in needed:  # read by no later node
+                            store.drop("r:" + member.name)
+                            store.drop("q:" + member.name)
+                        release(member)
                     bar.update(1)
-                elif node in needed:
-                    for runner, prefix in streams:
-                        compute(node, runner, prefix)
-                for arg in node.all_input_nodes:
-                    if last_use.get(arg) == index[node]:
-                        store.drop("q:" + arg.name)
-                        store.drop("r:" + arg.name)
+                elif node in inside:
+                    continue  # computed with its region
+                else:
+                    if node in needed:
+                        for runner, prefix in streams:
+                            compute(node, runner, prefix)
+                    release(node)
     finally:
         bar.close()
         store.drop("input")

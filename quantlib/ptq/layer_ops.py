@@ -13,13 +13,16 @@ reconstruction loss at a fraction of the cost for layers with large feature maps
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .chunk_store import take
-from .layer_cache import LayerData
+
+if TYPE_CHECKING:
+    from .layer_cache import LayerData
 
 
 def layer_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -40,6 +43,14 @@ def layer_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias
             return conv(x, weight, bias, module.stride, 0, module.dilation, module.groups)
         return module._conv_forward(x, weight, bias)
     raise TypeError(f"layer_forward supports Conv1d, Conv2d, ConvTranspose2d and Linear, not {type(module).__name__}")
+
+
+def mix_inputs(quantized: torch.Tensor, float_input: torch.Tensor, drop: float,
+               generator: torch.Generator) -> torch.Tensor:
+    """QDrop's mixed input: ``quantized`` with each element replaced by ``float_input``'s with
+    probability ``drop`` (the mask is drawn on the CPU from ``generator``)."""
+    keep_float = torch.rand(quantized.shape, generator=generator) < drop
+    return torch.where(keep_float.to(quantized.device), float_input, quantized)
 
 
 def can_window(module: nn.Module) -> bool:
@@ -110,9 +121,7 @@ class ReconstructionBatches:
         return x, y
 
     def _mix(self, quantized: torch.Tensor, float_input: torch.Tensor) -> torch.Tensor:
-        """``quantized`` with each element replaced by ``float_input``'s with probability ``input_drop``."""
-        keep_float = torch.rand(quantized.shape, generator=self.generator) < self.input_drop
-        return torch.where(keep_float.to(quantized.device), float_input, quantized)
+        return mix_inputs(quantized, float_input, self.input_drop, self.generator)
 
     def _window_slices(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
                        ) -> tuple[list[slice], list[slice], list[tuple[int, int]]]:

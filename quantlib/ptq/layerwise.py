@@ -19,9 +19,10 @@ import torch
 from ..quantsim import QuantSim
 from ..threads import torch_threads
 from .chunk_store import ChunkStore
-from .layer_cache import CacheConfig, LayerData, collect_samples, stream_layers
+from .layer_cache import CacheConfig, LayerData, collect_samples, stream_layers, stream_regions
 from .pass_config import PassConfigError, check_choice, check_int
 from .quantizer_groups import fp32_reference, select
+from .regions import RegionData, block_regions
 
 INPUT_SOURCES = ("quantized", "fp32")
 R = TypeVar("R")
@@ -131,12 +132,14 @@ def selected_layers(sim: QuantSim, config: LayerwiseConfig, method: str) -> list
 
 
 def run_layerwise(sim: QuantSim, data: Iterable, config: LayerwiseConfig,
-                  layer_fn: Callable[[LayerData, torch.Generator], R], *, method: str,
-                  progress: bool = True) -> tuple[list[R], LayerwiseStats]:
-    """Call ``layer_fn(layer_data, generator)`` on every selected layer of ``sim``, in graph order.
+                  layer_fn: Callable[[LayerData, torch.Generator], R] | Callable[[RegionData, torch.Generator], R],
+                  *, method: str, progress: bool = True, blocks: bool = False) -> tuple[list[R], LayerwiseStats]:
+    """Call ``layer_fn(layer_data, generator)`` on every selected layer of ``sim``, in graph order;
+    with ``blocks``, ``layer_fn(region_data, generator)`` on every BRECQ block of the selected
+    layers instead (:func:`~quantlib.ptq.regions.block_regions`).
 
-    ``layer_fn`` may rewrite the layer; later layers then see its new outputs. Returns the
-    per-layer results and the run's totals.
+    ``layer_fn`` may rewrite the layers it is given; later ones then see their new outputs.
+    Returns the per-layer (per-block) results and the run's totals.
     """
     start = time.perf_counter()
     names = selected_layers(sim, config, method)
@@ -149,12 +152,17 @@ def run_layerwise(sim: QuantSim, data: Iterable, config: LayerwiseConfig,
     results: list[R] = []
     with ChunkStore(int(cache.max_resident_mb * 2**20), cache.spill_dir) as store:
         if names:
-            def visit(layer: LayerData) -> None:
+            def visit(item: LayerData | RegionData) -> None:
                 with torch_threads(config.optimizer_threads):
-                    results.append(layer_fn(layer, generator))
+                    results.append(layer_fn(item, generator))
 
-            stream_layers(sim.model, reference, samples, names, visit, store,
-                          reference_inputs=config.input_source == "fp32", progress=progress, desc=method)
+            reference_inputs = config.input_source == "fp32"
+            if blocks:
+                stream_regions(sim.model, reference, samples, block_regions(sim.model, names), visit, store,
+                               reference_inputs=reference_inputs, progress=progress, desc=method)
+            else:
+                stream_layers(sim.model, reference, samples, names, visit, store,
+                              reference_inputs=reference_inputs, progress=progress, desc=method)
         peak, spilled = store.peak_resident_bytes, store.spilled_bytes
     stats = LayerwiseStats(num_samples=sum(s.shape[0] for s in samples), seconds=time.perf_counter() - start,
                            peak_cache_mb=peak / 2**20, spilled_mb=spilled / 2**20)
