@@ -73,8 +73,8 @@ class ReconstructionBatches:
     "QDrop: Randomly Dropping Quantization for Extremely Low-bit Post-Training Quantization"):
     each element of a sampled input is replaced by the float reference's input at that position
     with this probability (a fresh mask per sample), so the rounding is fitted to a neighbourhood
-    of the quantized inputs instead of exactly the calibration set's, which flattens the loss
-    surface the eval data sees. 0 gives the quantized inputs unchanged (AIMET); 1 gives the float
+    of the quantized inputs instead of exactly the calibration set's (the paper's argument: a
+    flatter loss surface that carries over to unseen data). 0 gives the quantized inputs unchanged (AIMET); 1 gives the float
     inputs (``input_source="fp32"``).
     """
 
