@@ -36,13 +36,15 @@ def _cards():
 
 def _record(model="efficientnet_lite0", recipe="w8a8_per_channel", stamp="20260101T000000Z", tag="00000001",
             top1=80.0, fp32=80.4, bits=(8, 8), cost=None, dataset="imagenet_sample"):
-    """A run record shaped like the committed ones, with the given identity and numbers."""
+    """A run record shaped like the committed ones, with the given identity and numbers (and a
+    ``cost`` block only when ``cost`` is given)."""
     record = copy.deepcopy(json.loads(TEMPLATE_PATH.read_text()))
     record.update(run_id=f"{model}__{recipe}__{stamp}__{tag}", model=model, recipe=recipe, dataset=dataset)
     record["metrics"]["quantsim"].update(top1=top1, top1_ci95=[top1 - 3.0, top1 + 2.5])
     record["metrics"]["onnxruntime"].update(top1=top1 - 0.1)
     record["metrics"]["fp32"].update(top1=fp32)
     record["provenance"]["config"]["quant"].update(weight_bits=bits[0], activation_bits=bits[1])
+    record.pop("cost", None)  # the template may carry one: only the given cost goes in
     if cost is not None:
         record["cost"] = cost
     return record
