@@ -123,6 +123,44 @@ class ChunkStore:
                 self.resident_bytes -= _nbytes(entry)
 
 
+class CachedChunks:
+    """Read access to the cached chunks of one layer or region: its inputs (from the quantized
+    model), the float reference's inputs and the float targets, chunk by chunk.
+
+    A mixin: the subclass sets ``store``, ``input_key``, ``float_input_key`` and ``target_key``.
+    """
+
+    store: ChunkStore
+    input_key: str
+    float_input_key: str
+    target_key: str
+
+    @property
+    def num_chunks(self) -> int:
+        return self.store.num_chunks(self.input_key)
+
+    def inputs(self, index: int) -> torch.Tensor:
+        return self.store.get(self.input_key, index)
+
+    def float_inputs(self, index: int) -> torch.Tensor:
+        return self.store.get(self.float_input_key, index)
+
+    def targets(self, index: int) -> torch.Tensor:
+        return self.store.get(self.target_key, index)
+
+    def input_view(self, index: int) -> torch.Tensor | np.ndarray:
+        return self.store.view(self.input_key, index)
+
+    def float_input_view(self, index: int) -> torch.Tensor | np.ndarray:
+        return self.store.view(self.float_input_key, index)
+
+    def target_view(self, index: int) -> torch.Tensor | np.ndarray:
+        return self.store.view(self.target_key, index)
+
+    def device(self) -> torch.device:
+        return self.store.device(self.input_key, 0)
+
+
 def take(view: torch.Tensor | np.ndarray, index: tuple, device: torch.device) -> torch.Tensor:
     """``view[index]`` as a tensor on ``device``; reads only the needed part of a memory map."""
     if isinstance(view, np.ndarray):

@@ -23,13 +23,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .chunk_store import ChunkStore
+from .chunk_store import CachedChunks, ChunkStore
 from .layer_pairs import activation_of
 from .regions import NodeRunner, Region, RegionData, layer_regions
 from .pass_config import PassConfigError, check_int, check_positive
@@ -62,10 +61,8 @@ class CacheConfig:
         check_positive("max_resident_mb", self.max_resident_mb, allow_zero=True)
 
 
-
-
 @dataclass
-class LayerData:
+class LayerData(CachedChunks):
     """The cached data of one weight layer, as handed to a :func:`stream_layers` callback.
 
     Chunk ``i`` holds ``batch_size`` samples: ``inputs(i)`` is what the layer receives (its first
@@ -87,31 +84,6 @@ class LayerData:
     def __post_init__(self) -> None:
         if self.float_input_key is None:
             self.float_input_key = self.input_key
-
-    @property
-    def num_chunks(self) -> int:
-        return self.store.num_chunks(self.input_key)
-
-    def inputs(self, index: int) -> torch.Tensor:
-        return self.store.get(self.input_key, index)
-
-    def float_inputs(self, index: int) -> torch.Tensor:
-        return self.store.get(self.float_input_key, index)
-
-    def targets(self, index: int) -> torch.Tensor:
-        return self.store.get(self.target_key, index)
-
-    def input_view(self, index: int) -> torch.Tensor | np.ndarray:
-        return self.store.view(self.input_key, index)
-
-    def float_input_view(self, index: int) -> torch.Tensor | np.ndarray:
-        return self.store.view(self.float_input_key, index)
-
-    def target_view(self, index: int) -> torch.Tensor | np.ndarray:
-        return self.store.view(self.target_key, index)
-
-    def device(self) -> torch.device:
-        return self.store.device(self.input_key, 0)
 
 
 @dataclass(frozen=True, eq=False)

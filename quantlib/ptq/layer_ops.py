@@ -107,21 +107,18 @@ class ReconstructionBatches:
         mixing = self.input_drop > 0.0
         if not self.windowed:
             x, y = self.data.inputs(index), self.data.targets(index)
-            return (self._mix(x, self.data.float_inputs(index)) if mixing else x), y
+            return (mix_inputs(x, self.data.float_inputs(index), self.input_drop, self.generator) if mixing else x), y
         x_view, y_view = self.data.input_view(index), self.data.target_view(index)
         in_slices, out_slices, pads = self._window_slices(tuple(y_view.shape[2:]), tuple(x_view.shape[2:]))
         x = take(x_view, (slice(None), slice(None), *in_slices), self.device)
         if mixing:
             x_float = take(self.data.float_input_view(index), (slice(None), slice(None), *in_slices), self.device)
-            x = self._mix(x, x_float)
+            x = mix_inputs(x, x_float, self.input_drop, self.generator)
         y = take(y_view, (slice(None), slice(None), *out_slices), self.device)
         flat_pad = [p for before_after in reversed(pads) for p in before_after]
         if any(flat_pad):
             x = F.pad(x, flat_pad)
         return x, y
-
-    def _mix(self, quantized: torch.Tensor, float_input: torch.Tensor) -> torch.Tensor:
-        return mix_inputs(quantized, float_input, self.input_drop, self.generator)
 
     def _window_slices(self, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
                        ) -> tuple[list[slice], list[slice], list[tuple[int, int]]]:

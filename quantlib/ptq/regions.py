@@ -26,11 +26,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx, nn
 
-from .chunk_store import ChunkStore
+from .chunk_store import CachedChunks, ChunkStore
 from .layer_ops import layer_forward
 
 
@@ -152,7 +151,7 @@ def _cuts(nodes: list[fx.Node]) -> list[bool]:
 
 
 @dataclass
-class RegionData:
+class RegionData(CachedChunks):
     """The cached data of one region, as a block-wise pass receives it.
 
     Chunk ``i`` holds ``batch_size`` samples: ``inputs(i)`` is the region's input from the
@@ -166,7 +165,7 @@ class RegionData:
     input_key: str
     float_input_key: str
     target_key: str
-    modules: dict[str, nn.Module] = field(default_factory=dict)
+    modules: dict[str, nn.Module] = field(init=False)  # the region's weight layers by name
 
     def __post_init__(self) -> None:
         self.modules = {name: self.runner.modules[name] for name in self.region.layers}
@@ -174,25 +173,6 @@ class RegionData:
     @property
     def name(self) -> str:
         return self.region.name
-
-    @property
-    def num_chunks(self) -> int:
-        return self.store.num_chunks(self.input_key)
-
-    def inputs(self, index: int) -> torch.Tensor:
-        return self.store.get(self.input_key, index)
-
-    def float_inputs(self, index: int) -> torch.Tensor:
-        return self.store.get(self.float_input_key, index)
-
-    def targets(self, index: int) -> torch.Tensor:
-        return self.store.get(self.target_key, index)
-
-    def input_view(self, index: int) -> torch.Tensor | np.ndarray:
-        return self.store.view(self.input_key, index)
-
-    def device(self) -> torch.device:
-        return self.store.device(self.input_key, 0)
 
     def forward(self, x: torch.Tensor, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """The region's output for input ``x``, each layer named in ``weights`` computed with the
