@@ -11,6 +11,7 @@ from torch import nn
 from quantlib.config import load_config
 from quantlib.cost import model_cost
 from quantlib.ptq.adaround import apply_adaround
+from quantlib.ptq.budget_selection import noise_ladder
 from quantlib.ptq.mixed_precision import MixedPrecisionConfig, greedy_path, search_mixed_precision
 from quantlib.ptq.pass_config import PassConfigError
 from quantlib.ptq.pipeline import prepare_quantsim
@@ -103,6 +104,53 @@ def test_unreachable_budget_leaves_the_widest_assignment():
     assert not result.met and result.chosen_index == 0
     assert all(c.name == "w16a16" for c in result.chosen.values())
     assert [p.index for p in result.evaluated] == [0]
+
+
+def test_noise_ladder_scores_half_octaves_of_estimated_noise_and_the_last_point():
+    noise = [1.0, 1.1, 1.5, 1.6, 2.05, 2.1, 9.0, 9.5]
+    assert noise_ladder(noise) == [0, 2, 4, 6, 7]  # 1.5 >= 1.41, 2.05 >= 2, then 9.0 >= 2.83 (past 4 .. 8)
+    assert noise_ladder([0.0, 0.0, 0.5, 0.6]) == [0, 2, 3]  # a noiseless start: the ladder begins at the first noise
+    assert noise_ladder([0.0]) == [0]
+
+
+def jittered_search(selection: str, seed: int, model: nn.Module) -> float:
+    """Run a search (budget 1 point) whose score is the synthetic score plus N(0, 1) points, as noisy
+    as a 250-image top-1 against its budget; return the chosen point's true (unjittered) drop."""
+    sim = calibrated(model)
+    generator = torch.Generator().manual_seed(seed)
+    search_mixed_precision(sim, DATA, [(X[:64],)],
+                           lambda m: synthetic_score(m, model) + float(torch.randn(1, generator=generator)), 100.0,
+                           MixedPrecisionConfig(max_drop=1.0, selection=selection))
+    return 100.0 - synthetic_score(sim.model, model)
+
+
+def test_noise_fit_finds_the_budgets_best_point_through_score_noise_the_binary_search_cannot_resolve():
+    model = mlp_with_a_sensitive_layer()
+    exact = search_mixed_precision(calibrated(model), DATA, [(X[:64],)], lambda m: synthetic_score(m, model), 100.0,
+                                   MixedPrecisionConfig(max_drop=1.0))
+    best_drop = 100.0 - exact.chosen_score  # the fewest bit-ops within the budget, judged on exact scores
+    assert 0.5 < best_drop <= 1.0
+    fit = [jittered_search("noise_fit", seed, model) for seed in range(12)]
+    binary = [jittered_search("score", seed, model) for seed in range(12)]
+    hits = lambda drops: sum(d == pytest.approx(best_drop) for d in drops)  # noqa: E731
+    assert hits(fit) >= 9 and hits(binary) <= 5  # measured: 10 of 12 and 3 of 12
+    assert sum(d > 1.0 for d in fit) <= 1
+
+
+def test_noise_fit_records_its_fit_and_needs_a_budget():
+    model = mlp_with_a_sensitive_layer()
+    sim = calibrated(model)
+    result = search_mixed_precision(sim, DATA, [(X[:64],)], lambda m: synthetic_score(m, model), 100.0,
+                                    MixedPrecisionConfig(max_drop=1.0, selection="noise_fit"))
+    fit = result.to_dict()["fit"]
+    assert result.to_dict()["selection"] == "noise_fit" and fit["fit_indices"][0] == 0
+    assert fit["slope"] == pytest.approx(100.0, rel=0.2)  # the synthetic score is 100 x the noise
+    assert fit["predicted_drop_chosen"] <= 1.0 and result.chosen_score is not None
+    assert "fit" not in search_mixed_precision(calibrated(model), DATA, [(X[:64],)], lambda m: 100.0, 100.0).to_dict()
+    with pytest.raises(PassConfigError, match=r"max_drop=0.*selection: score"):
+        MixedPrecisionConfig(max_drop=0.0, selection="noise_fit")
+    with pytest.raises(PassConfigError, match=r"selection='fit' is not supported; use one of score, noise_fit"):
+        MixedPrecisionConfig(selection="fit")
 
 
 def test_switching_formats_is_reversible():

@@ -16,10 +16,13 @@ scoring per group and candidate:
    additive), down to all-narrowest. Each point of the path has its bit-ops
    (:func:`quantlib.cost.model_cost` conventions: MACs x weight bits x activation bits) and an
    estimated output SQNR.
-4. **Selection**: ``score_fn`` (e.g. top-1 on the labelled calibration split) is evaluated at
-   ``curve_points`` evenly spaced points (for the plot) and by binary search for the point with
-   the fewest bit-ops whose score is at least ``reference_score - max_drop``. That point is
-   applied to the sim and every score evaluated is recorded (the Pareto curve explored).
+4. **Selection** (:mod:`~quantlib.ptq.budget_selection`): ``score_fn`` (e.g. top-1 on the
+   labelled calibration split) is evaluated at ``curve_points`` evenly spaced points (for the
+   plot), then ``selection: score`` binary-searches for the point with the fewest bit-ops whose
+   score is at least ``reference_score - max_drop``, while ``selection: noise_fit`` scores points
+   up a ladder of estimated noise, fits ``drop = slope * noise`` and chooses the last point whose
+   fitted drop is within the budget. That point is applied to the sim and every score evaluated
+   is recorded (the Pareto curve explored).
 
 The sim is mutated: its groups end at the chosen formats (encodings from step 1, weights of
 frozen layers kept at their own bitwidth). When even the widest assignment misses the budget, the
@@ -43,11 +46,15 @@ from tqdm.auto import tqdm
 from ..cost import model_cost
 from ..quantsim import QuantSim
 from ..spec import OBSERVERS
+from .budget_selection import PathScorer, select_by_noise_fit, select_by_score
 from .pass_config import PassConfigError, check_choice, check_int, check_positive
 from .precision_formats import Candidate, PrecisionSwitch, parse_candidates
 from .quantizer_groups import QuantizerGroup, fp32_reference, quantizer_groups, select
 from .registry import PTQContext, PTQStep
 from .sensitivity import model_outputs
+
+
+SELECTIONS = ("score", "noise_fit")
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,12 @@ class MixedPrecisionConfig:
         curve_points: extra evenly spaced Pareto points scored for the plot (0: only the binary search).
         include, exclude: fnmatch globs over layer-group names (first weight module of the group);
             groups left out keep their format.
+        selection: how the budget is judged along the path (:mod:`quantlib.ptq.budget_selection`):
+            ``score`` binary-searches single scores; ``noise_fit`` fits ``drop = slope * noise`` to
+            points scored along the path and chooses by the fitted drop (for scores too coarse to
+            resolve the budget, e.g. top-1 on a few hundred images).
+        fit_window: ``noise_fit`` scores points until one drops more than ``fit_window * max_drop``
+            and fits over the points within that drop.
         weight_observers: weight bitwidth -> observer of the weight ranges at that bitwidth, e.g.
             ``{4: mse, 8: minmax}``: MSE-searched clipping helps 4-bit grids, while at 8 bits the
             full range loses less. Bitwidths not named keep the quantizers' observer. Keys may be
@@ -75,10 +88,17 @@ class MixedPrecisionConfig:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     weight_observers: Mapping[int, str] = field(default_factory=dict)
+    selection: str = "score"
+    fit_window: float = 10.0
 
     def __post_init__(self) -> None:
         candidates = self.parsed_candidates()
         check_positive("max_drop", self.max_drop, allow_zero=True)
+        check_choice("selection", self.selection, SELECTIONS)
+        check_positive("fit_window", self.fit_window)
+        if self.selection == "noise_fit" and self.max_drop <= 0:
+            raise PassConfigError(f"max_drop={self.max_drop!r}: selection 'noise_fit' fits a drop model and needs a "
+                                  "budget > 0; use selection: score for a zero budget")
         check_int("num_samples", self.num_samples, 1)
         check_int("curve_points", self.curve_points, 0)
         object.__setattr__(self, "weight_observers", _weight_observers(self.weight_observers, candidates))
@@ -131,6 +151,8 @@ class MixedPrecisionResult:
     bitops_chosen: int
     bitops_uniform: dict[str, int]
     sensitivity_sqnr_db: dict[str, dict[str, float]] = field(default_factory=dict)
+    selection: str = "score"
+    fit: dict[str, Any] = field(default_factory=dict)
 
     @property
     def evaluated(self) -> list[ParetoPoint]:
@@ -158,6 +180,7 @@ class MixedPrecisionResult:
             "path": [{"index": p.index, "bitops": p.bitops, "estimated_sqnr_db": _finite(p.estimated_sqnr_db)}
                      for p in self.path],
             "sensitivity_sqnr_db": {g: {c: _finite(v) for c, v in per.items()} for g, per in self.sensitivity_sqnr_db.items()},
+            **({"selection": self.selection, "fit": self.fit} if self.selection != "score" else {}),
         }
 
 
@@ -240,51 +263,52 @@ def search_mixed_precision(sim: QuantSim, data: Iterable, batches: Sequence[tupl
     for g in tqdm(names, desc="mixed precision: sensitivity", disable=not progress, leave=False):
         for candidate in candidates[:-1]:
             switch.apply({g: candidate})
-            noise = _noise(reference, model_outputs(sim.model, batches))
-            added[g][candidate] = max(noise - base_noise, 0.0)
-            sensitivity.setdefault(g, {})[candidate.name] = _sqnr_db(noise)
+            group_noise = _noise(reference, model_outputs(sim.model, batches))
+            added[g][candidate] = max(group_noise - base_noise, 0.0)
+            sensitivity.setdefault(g, {})[candidate.name] = _sqnr_db(group_noise)
         switch.apply({g: candidates[-1]})
     path_assignments = greedy_path(names, candidates, added, switch.costs.group_bitops)
-    path = [ParetoPoint(i, switch.bitops(a), _sqnr_db(base_noise + sum(added[g][c] for g, c in a.items())))
-            for i, a in enumerate(path_assignments)]
+    noise = [base_noise + sum(added[g][c] for g, c in a.items()) for a in path_assignments]
+    path = [ParetoPoint(i, switch.bitops(a), _sqnr_db(n)) for i, (a, n) in enumerate(zip(path_assignments, noise))]
     target = reference_score - config.max_drop
     bar = tqdm(desc="mixed precision: scoring", disable=not progress, leave=False)
 
-    def score(index: int) -> float:
-        point = path[index]
-        if point.score is None:
+    def score_point(index: int) -> float:
+        switch.apply(path_assignments[index])
+        bar.update(1)
+        return float(score_fn(sim.model))
+
+    scorer = PathScorer(score_point)
+    measured: dict[int, float] = {0: base_noise}
+
+    def measured_noise(index: int) -> float:
+        if index not in measured:
             switch.apply(path_assignments[index])
-            point.score = float(score_fn(sim.model))
-            bar.update(1)
-        return point.score
+            measured[index] = _noise(reference, model_outputs(sim.model, batches))
+        return measured[index]
 
     last = len(path) - 1
     try:
         for k in range(1, config.curve_points + 1):
-            score(round(k * last / (config.curve_points + 1)))
-        met = score(0) >= target
-        if not met:
-            chosen = 0
-        elif score(last) >= target:
-            chosen = last
+            scorer(round(k * last / (config.curve_points + 1)))
+        if config.selection == "noise_fit":
+            selection = select_by_noise_fit(scorer, noise, measured_noise, reference_score, config.max_drop,
+                                            config.fit_window)
+            scorer(selection.chosen)  # the chosen point's own score goes in the record
         else:
-            ok = max(p.index for p in path if p.score is not None and p.score >= target)
-            bad = min(p.index for p in path if p.score is not None and p.score < target and p.index > ok)
-            while bad - ok > 1:
-                middle = (ok + bad) // 2
-                if score(middle) >= target:
-                    ok = middle
-                else:
-                    bad = middle
-            chosen = ok
+            selection = select_by_score(scorer, last, target)
     finally:
         bar.close()
+    for index, value in scorer.scores.items():
+        path[index].score = value
+    chosen, met = selection.chosen, selection.met
     switch.apply(path_assignments[chosen])
     uniform = {c.name: switch.bitops({g: c for g in names}) for c in candidates}
     return MixedPrecisionResult(candidates=candidates, reference_score=reference_score, target_score=target, met=met,
                                 chosen_index=chosen, chosen=dict(path_assignments[chosen]), path=path,
                                 bitops_start=bitops_start, bitops_chosen=model_cost(sim).bitops,
-                                bitops_uniform=uniform, sensitivity_sqnr_db=sensitivity)
+                                bitops_uniform=uniform, sensitivity_sqnr_db=sensitivity, selection=config.selection,
+                                fit=selection.fit)
 
 
 def _run_mixed_precision(context: PTQContext, config: MixedPrecisionConfig) -> dict[str, Any]:

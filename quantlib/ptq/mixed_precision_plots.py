@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 def plot_pareto(result: MixedPrecisionResult, path: str | Path) -> Path:
     """Score against bit-ops for every scored point, the estimated SQNR of the whole greedy path
-    (second axis), the budget line, the uniform assignments and the chosen point. Returns ``path``."""
+    (second axis), the budget line, the uniform assignments, the chosen point and, for
+    ``selection: noise_fit``, the fitted score along the path. Returns ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -35,6 +36,14 @@ def plot_pareto(result: MixedPrecisionResult, path: str | Path) -> Path:
     if chosen.score is not None:
         ax.scatter([chosen.bitops / giga], [chosen.score], s=140, facecolors="none", edgecolors="tab:red", linewidths=2,
                    label=f"chosen ({chosen.bitops / giga:.3g} GBOPs)", zorder=5)
+    if result.fit:  # drawn within the scored points' range, which the fit may leave at the noisy end
+        low, high = ax.get_ylim()
+        slope = result.fit["slope"]
+        fitted = [(p.bitops / giga, result.reference_score - slope * 10.0 ** (-p.estimated_sqnr_db / 10.0))
+                  for p in result.path if math.isfinite(p.estimated_sqnr_db)]
+        ax.plot([x for x, _ in fitted], [y for _, y in fitted], color="tab:purple", linestyle="--", linewidth=1.0,
+                label=f"fitted: reference - {slope:.3g} x estimated noise")
+        ax.set_ylim(low, high)
     for name, bitops in result.bitops_uniform.items():
         ax.axvline(bitops / giga, color="grey", linestyle=":", linewidth=0.8)
         ax.text(bitops / giga, ax.get_ylim()[0], f" all {name}", rotation=90, fontsize=7, va="bottom", color="grey")
