@@ -12,9 +12,9 @@ Two selectors pick the point with the fewest bit-ops that meets ``reference - ma
   second-order view of HAWQ and BRECQ, where the loss increase is linear in the output noise
   power). It scores points spaced at half-octaves of estimated noise from the widest point until
   the drop passes ``fit_window`` budgets, fits the slope over the scored points within that
-  window, and chooses the last point whose predicted drop is within the budget. A score on 250 images moves by
-  about 0.4 points per image, more than a 0.5-point budget can absorb; the fit pools every scored
-  point, so one lucky or unlucky score no longer decides.
+  window, and chooses the last point whose predicted drop is within the budget. One image of a
+  250-image top-1 is 0.4 points, so a single score cannot resolve a 0.5-point budget; the fit
+  pools every scored point, so one lucky or unlucky score no longer decides.
 """
 
 from __future__ import annotations
