@@ -78,10 +78,27 @@ def export_onnx(sim: QuantSim, path: str | Path, example_input: torch.Tensor, *,
             input_names=["input"], output_names=["logits"], optimize=True, verbose=False,
         )
     proto = program.model_proto
+    strip_debug_metadata(proto)
     onnx.checker.check_model(proto)
     with atomic_output(path) as tmp:
         onnx.save(proto, str(tmp))
     return path
+
+
+def strip_debug_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node and per-value debug metadata (``metadata_props``: the source
+    stack trace with absolute file paths and line numbers, the fx node, name scopes), in subgraphs
+    too, so the file's bytes depend on the model and not on where or how the source was checked
+    out. Model- and graph-level metadata stay. Returns ``proto``, modified in place."""
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for item in (*graph.node, *graph.value_info, *graph.input, *graph.output, *graph.initializer):
+            del item.metadata_props[:]
+        for node in graph.node:
+            graphs += [attr.g for attr in node.attribute if attr.HasField("g")]
+            graphs += [g for attr in node.attribute for g in attr.graphs]
+    return proto
 
 
 def export(sim: QuantSim, directory: str | Path, prefix: str, example_input: torch.Tensor,

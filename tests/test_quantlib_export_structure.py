@@ -60,6 +60,15 @@ def test_onnx_graph_has_qdq_nodes_int8_weights_and_per_channel_axis(tmp_path_fac
             assert inits[node.input[2]].dtype == np.uint8
 
 
+def test_onnx_bytes_carry_no_source_paths_or_stack_traces(tmp_path_factory):
+    """The exporter's debug metadata (stack traces with absolute paths and line numbers) is
+    stripped, so a fresh clone elsewhere exports byte-identical files."""
+    _, artifacts, proto = exported("per_channel", CONFIGS["per_channel"], tmp_path_factory)
+    data = artifacts.onnx.read_bytes()
+    assert b"stack_trace" not in data and b"quantizer.py" not in data and b"pkg.torch.onnx" not in data
+    assert all(len(node.metadata_props) == 0 for node in proto.graph.node)
+
+
 def test_biases_are_exported_as_int32_at_input_times_weight_scale(tmp_path_factory):
     sim, artifacts, proto = exported("per_channel", CONFIGS["per_channel"], tmp_path_factory)
     inits = initializers(proto)

@@ -197,6 +197,27 @@ def test_explains_a_safetensors_file_that_differs_only_in_header_order(tmp_path)
     assert explain_artifact_difference(a, tmp_path / "gone.safetensors") is None
 
 
+def test_explains_an_onnx_file_that_differs_only_in_the_exporters_debug_metadata(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def model(source: str | None, alpha: float = 0.1) -> onnx.ModelProto:
+        node = helper.make_node("LeakyRelu", ["x"], ["y"], alpha=alpha)
+        if source:
+            node.metadata_props.add(key="pkg.torch.onnx.stack_trace", value=f'File "{source}/quantlib/qmodules.py", line 279')
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        return helper.make_model(graph)
+
+    paths = {}
+    for name, proto in {"a": model("/tmp/clone_a"), "b": model("/work/clone_b"), "c": model(None, alpha=0.2)}.items():
+        paths[name] = tmp_path / f"{name}.onnx"
+        onnx.save(proto, str(paths[name]))
+    assert paths["a"].read_bytes() != paths["b"].read_bytes()
+    assert "debug metadata" in explain_artifact_difference(paths["a"], paths["b"])
+    assert explain_artifact_difference(paths["a"], paths["c"]) is None  # another attribute: a real difference
+
+
 def test_reproduce_cli_refuses_a_bad_request(tmp_path, capsys):
     assert main(["reproduce", "digits_mlp/w8a8_per_channel", "--results-dir", str(tmp_path)]) == 2
     assert "no run record for digits_mlp/w8a8_per_channel" in capsys.readouterr().err

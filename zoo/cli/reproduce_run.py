@@ -104,7 +104,8 @@ def explain_artifact_difference(original_path: str | Path, reproduced_path: str 
     """Why two artifact files differ when their content is the same; None when it cannot tell.
 
     safetensors: same header (as JSON) and same tensor bytes, so only the key order of the JSON
-    header differs. ONNX: same graph once doc strings and producer fields are cleared.
+    header differs. ONNX: same graph once doc strings, producer fields and the exporter's debug
+    metadata (source stack traces, which name the checkout's path) are cleared.
     """
     a, b = Path(original_path), Path(reproduced_path)
     if not (a.is_file() and b.is_file()):
@@ -116,7 +117,8 @@ def explain_artifact_difference(original_path: str | Path, reproduced_path: str 
                     f"differs (safetensors writes __metadata__ in hash-map order, which changes from call to call)")
     if a.suffix == ".onnx":
         if _onnx_without_doc(a) == _onnx_without_doc(b):
-            return f"{b.name}: same graph and weights; only ONNX doc strings or producer fields differ"
+            return (f"{b.name}: same graph and weights; only ONNX doc strings, producer fields or the exporter's "
+                    "debug metadata (source paths and line numbers) differ")
     return None
 
 
@@ -129,7 +131,9 @@ def _safetensors_parts(path: Path) -> tuple[dict[str, Any], bytes]:
 def _onnx_without_doc(path: Path) -> bytes:
     import onnx
 
-    model = onnx.load(str(path))
+    from quantlib.export import strip_debug_metadata
+
+    model = strip_debug_metadata(onnx.load(str(path)))
     model.producer_version = ""
     model.doc_string = ""
     graphs = [model.graph]
