@@ -90,6 +90,9 @@ def strip_debug_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
     stack trace with absolute file paths and line numbers, the fx node, name scopes), in subgraphs
     too, so the file's bytes depend on the model and not on where or how the source was checked
     out. Model- and graph-level metadata stay. Returns ``proto``, modified in place."""
+    for function in proto.functions:
+        for node in function.node:
+            del node.metadata_props[:]
     graphs = [proto.graph]
     while graphs:
         graph = graphs.pop()

@@ -5,11 +5,14 @@ integer weights).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
+import quantlib
 from quantlib.config import load_config
 from quantlib.export import ONNX_OPSET
 
@@ -65,7 +68,9 @@ def test_onnx_bytes_carry_no_source_paths_or_stack_traces(tmp_path_factory):
     stripped, so a fresh clone elsewhere exports byte-identical files."""
     _, artifacts, proto = exported("per_channel", CONFIGS["per_channel"], tmp_path_factory)
     data = artifacts.onnx.read_bytes()
-    assert b"stack_trace" not in data and b"quantizer.py" not in data and b"pkg.torch.onnx" not in data
+    checkout = str(Path(quantlib.__file__).resolve().parents[1]).encode()
+    assert checkout not in data and b"stack_trace" not in data and b"quantizer.py" not in data
+    assert b"pkg.torch.onnx" not in data
     assert all(len(node.metadata_props) == 0 for node in proto.graph.node)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from quantlib.config import load_config
 from quantlib.cost import model_cost
 from quantlib.ptq.adaround import apply_adaround
-from quantlib.ptq.budget_selection import noise_ladder
+from quantlib.ptq.budget_selection import PathScorer, noise_ladder, select_by_noise_fit
 from quantlib.ptq.mixed_precision import MixedPrecisionConfig, greedy_path, search_mixed_precision
 from quantlib.ptq.pass_config import PassConfigError
 from quantlib.ptq.pipeline import prepare_quantsim
@@ -111,6 +111,29 @@ def test_noise_ladder_scores_half_octaves_of_estimated_noise_and_the_last_point(
     assert noise_ladder(noise) == [0, 2, 4, 6, 7]  # 1.5 >= 1.41, 2.05 >= 2, then 9.0 >= 2.83 (past 4 .. 8)
     assert noise_ladder([0.0, 0.0, 0.5, 0.6]) == [0, 2, 3]  # a noiseless start: the ladder begins at the first noise
     assert noise_ladder([0.0]) == [0]
+    assert noise_ladder([0.1, 0.2, float("inf"), float("inf")]) == [0, 1, 2]  # infinite noise ends the ladder
+
+
+def test_noise_fit_never_chooses_at_or_past_a_cliff_and_misses_an_unreachable_budget():
+    noise = [0.01 * (i + 1) for i in range(12)]
+    flat_then_cliff = PathScorer(lambda i: 99.0 if i < 11 else 93.0)  # no drop measured, then 6 points down
+    selection = select_by_noise_fit(flat_then_cliff, noise, lambda i: noise[i], 99.0, 0.5, 10.0)
+    assert selection.met and selection.fit["slope"] == 0.0 and selection.fit["cliff_index"] == 11
+    assert selection.chosen < 11
+    lucky_start = PathScorer(lambda i: 100.3 if i == 0 else 85.0)  # the widest point above the reference
+    selection = select_by_noise_fit(lucky_start, noise, lambda i: noise[i], 100.0, 0.5, 10.0)
+    assert selection.chosen == 0 and selection.fit["cliff_index"] == 1
+    far_below = PathScorer(lambda i: 90.0)  # even the widest point drops past the window
+    selection = select_by_noise_fit(far_below, noise, lambda i: noise[i], 100.0, 0.5, 10.0)
+    assert not selection.met and selection.chosen == 0 and selection.fit["fit_indices"] == []
+
+
+def test_noise_fit_leaves_the_widest_assignment_when_the_budget_is_unreachable():
+    model = mlp_with_a_sensitive_layer()
+    result = search_mixed_precision(calibrated(model), DATA, [(X[:64],)], lambda m: synthetic_score(m, model), 200.0,
+                                    MixedPrecisionConfig(max_drop=0.5, selection="noise_fit"))
+    assert not result.met and result.chosen_index == 0
+    assert all(c.name == "w16a16" for c in result.chosen.values())
 
 
 def jittered_search(selection: str, seed: int, model: nn.Module) -> float:
@@ -151,6 +174,8 @@ def test_noise_fit_records_its_fit_and_needs_a_budget():
         MixedPrecisionConfig(max_drop=0.0, selection="noise_fit")
     with pytest.raises(PassConfigError, match=r"selection='fit' is not supported; use one of score, noise_fit"):
         MixedPrecisionConfig(selection="fit")
+    with pytest.raises(PassConfigError, match=r"fit_window=0.5 must be >= 1"):
+        MixedPrecisionConfig(selection="noise_fit", fit_window=0.5)
 
 
 def test_switching_formats_is_reversible():

@@ -1,7 +1,7 @@
 """Choosing the point of a mixed-precision Pareto path that meets a score-drop budget.
 
 A path (:func:`quantlib.ptq.mixed_precision.greedy_path`) runs from the widest assignment to the
-narrowest; its estimated output noise (relative to the float model) never decreases along it.
+narrowest; its estimated output noise (relative to the float model) grows along it.
 A :class:`PathScorer` scores a point (e.g. top-1 on the labelled calibration split) once, on demand.
 Two selectors pick the point with the fewest bit-ops that meets ``reference - max_drop``:
 
@@ -19,6 +19,7 @@ Two selectors pick the point with the fewest bit-ops that meets ``reference - ma
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ class PathScorer:
 
 @dataclass(frozen=True)
 class Selection:
-    """The chosen path index, whether the widest point meets the budget, and the fit if one was made."""
+    """The chosen path index, whether the budget is met (by the scores, or by the fit for
+    :func:`select_by_noise_fit`), and the fit if one was made."""
 
     chosen: int
     met: bool
@@ -68,8 +70,8 @@ def select_by_score(score: PathScorer, last: int, target: float) -> Selection:
 
 
 def noise_ladder(noise: Sequence[float], step: float = math.sqrt(2.0)) -> list[int]:
-    """Path indices where the estimated noise first reaches ``noise[0] * step**j`` (j = 0, 1, ...),
-    then the last index; duplicates dropped. ``noise`` must not decrease along the path."""
+    """Path indices where the noise first reaches ``noise[0] * step**j`` (j = 0, 1, ...), then the
+    last index; duplicates dropped. The first index whose noise is not finite ends the ladder."""
     indices, level = [0], noise[0] * step
     if noise[0] <= 0:
         positive = [i for i, n in enumerate(noise) if n > 0]
@@ -78,7 +80,12 @@ def noise_ladder(noise: Sequence[float], step: float = math.sqrt(2.0)) -> list[i
         indices.append(positive[0])
         level = noise[positive[0]] * step
     for index, value in enumerate(noise):
-        if value >= level and index > indices[-1]:
+        if index <= indices[-1]:
+            continue
+        if not math.isfinite(value):
+            indices.append(index)
+            return indices
+        if value >= level:
             indices.append(index)
             while level <= value:
                 level *= step
@@ -93,35 +100,45 @@ def select_by_noise_fit(score: PathScorer, estimated_noise: Sequence[float], mea
 
     Args:
         score: scores path points; every point it has scored (also before this call) enters the fit.
-        estimated_noise: the path's additive noise estimate at every point, non-decreasing.
+        estimated_noise: the path's additive noise estimate at every point. It may dip where a
+            narrower candidate measured less noise than a wider one, so its running maximum is used.
         measured_noise: ``measured_noise(index)``, the relative output noise of that point
             measured with its formats applied (cached by the caller).
         reference: the score the drop is measured from (the float model's).
         max_drop: the budget, > 0.
         fit_window: points are scored up the ladder of estimated noise until one drops more than
-            ``fit_window * max_drop``; the fit uses every scored point within that drop.
+            ``fit_window * max_drop`` (the cliff); the fit uses every scored point within that drop.
 
     The fit pairs each score with the noise measured at its point. The slope is the ratio
     estimator ``sum(drop) / sum(noise)``: the least-squares slope through the origin when a
     score's variance grows with the noise, as the count of changed predictions does. A slope of
-    zero or less (no drop measured) predicts no drop anywhere. The estimate picks the candidate
-    point; its measured noise then confirms it, stepping back along the path while the prediction
-    from the measured noise exceeds the budget (noise of layer groups does not add exactly).
+    zero or less (no drop measured) predicts no drop short of the cliff. The estimate picks the
+    candidate point, never at or past the cliff; its measured noise then confirms it, stepping
+    back along the path while the prediction from the measured noise exceeds the budget (noise of
+    layer groups does not add exactly).
+
+    ``met`` is the fit's verdict on the widest point: false when its predicted drop exceeds the
+    budget, when the widest point itself drops past the window, or when no scored point lies
+    within the window; the widest point is chosen then. A chosen point's own score may sit below
+    the target: the fit, not that single score, judges the budget.
     """
     window = fit_window * max_drop
-    for index in noise_ladder(estimated_noise):
+    envelope = list(itertools.accumulate(estimated_noise, max))
+    cliff = len(envelope)
+    for index in noise_ladder(envelope):
         if reference - score(index) > window:
+            cliff = index
             break
-    used = sorted(i for i, s in score.scores.items() if reference - s <= window)
+    used = sorted(i for i, s in score.scores.items() if reference - s <= window and i < cliff)
     total_noise = sum(measured_noise(i) for i in used)
     slope = sum(reference - score.scores[i] for i in used) / total_noise if total_noise > 0 else 0.0
-    met = slope * measured_noise(0) <= max_drop
+    met = bool(used) and cliff > 0 and slope * measured_noise(0) <= max_drop
     chosen = 0
     if met:
-        chosen = max(i for i, n in enumerate(estimated_noise) if slope * n <= max_drop or i == 0)
+        chosen = max(i for i in range(cliff) if slope * envelope[i] <= max_drop or i == 0)
         while chosen > 0 and slope * measured_noise(chosen) > max_drop:
             chosen -= 1
     fit = {"model": "drop = slope * measured_noise", "slope": slope, "window": window, "fit_indices": used,
-           "fit_noise": [measured_noise(i) for i in used],
+           "fit_noise": [measured_noise(i) for i in used], "cliff_index": cliff if cliff < len(envelope) else None,
            "predicted_drop_widest": slope * measured_noise(0), "predicted_drop_chosen": slope * measured_noise(chosen)}
     return Selection(chosen, met, fit)

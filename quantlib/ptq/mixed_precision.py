@@ -26,7 +26,8 @@ scoring per group and candidate:
 
 The sim is mutated: its groups end at the chosen formats (encodings from step 1, weights of
 frozen layers kept at their own bitwidth). When even the widest assignment misses the budget, the
-sim is left at the widest assignment and ``met`` is false.
+sim is left at the widest assignment and ``met`` is false. Under ``noise_fit`` ``met`` is the
+fit's verdict, and the chosen point's own score may sit below the target.
 
 Pipeline step ``mixed_precision`` (phase "sim"): ``reference_score`` is ``score_fn`` on the FP32
 model the pipeline was given; the Pareto plot goes to ``plots_dir``.
@@ -66,7 +67,8 @@ class MixedPrecisionConfig:
         max_drop: allowed drop of ``score_fn`` below the FP32 model's score (score units, e.g.
             top-1 points).
         num_samples: calibration samples for the SQNR sensitivity of phase 2.
-        curve_points: extra evenly spaced Pareto points scored for the plot (0: only the binary search).
+        curve_points: extra evenly spaced Pareto points scored for the plot (0: only the points the
+            selection scores).
         include, exclude: fnmatch globs over layer-group names (first weight module of the group);
             groups left out keep their format.
         selection: how the budget is judged along the path (:mod:`quantlib.ptq.budget_selection`):
@@ -96,6 +98,9 @@ class MixedPrecisionConfig:
         check_positive("max_drop", self.max_drop, allow_zero=True)
         check_choice("selection", self.selection, SELECTIONS)
         check_positive("fit_window", self.fit_window)
+        if self.fit_window < 1:
+            raise PassConfigError(f"fit_window={self.fit_window!r} must be >= 1: it is in budgets (max_drop), and a "
+                                  "point within the budget must not end the noise ladder; 10 is the default")
         if self.selection == "noise_fit" and self.max_drop <= 0:
             raise PassConfigError(f"max_drop={self.max_drop!r}: selection 'noise_fit' fits a drop model and needs a "
                                   "budget > 0; use selection: score for a zero budget")

@@ -59,7 +59,8 @@ def plot_pareto(result: MixedPrecisionResult, path: str | Path) -> Path:
     more, more_labels = twin.get_legend_handles_labels()
     ax.legend(handles + more, labels + more_labels, fontsize=8, loc="lower right")
     ax.set_title(f"mixed precision Pareto search ({', '.join(c.name for c in result.candidates)}): "
-                 f"{len(result.evaluated)} points scored, budget {'met' if result.met else 'NOT met'}", fontsize=10)
+                 f"{len(result.evaluated)} points scored, budget {'met' if result.met else 'NOT met'}"
+                 f"{' (by the fitted drop)' if result.fit else ''}", fontsize=10)
     figure.tight_layout()
     with atomic_output(path) as tmp:
         figure.savefig(tmp, format="png")
