@@ -71,6 +71,18 @@ def test_adaround_writes_grid_weights_and_freezes_the_encoding():
     assert not is_frozen(module.weight_quantizer) and torch.equal(module.weight, float_weight)
 
 
+def test_undecided_counts_the_soft_roundings_a_schedule_left_unsettled():
+    """A full schedule settles h(V) on 0 or 1 for (almost) every weight; one cut short leaves most
+    weights in between, where the hard rounding is not what the optimization saw."""
+    _, sim, batches = linear_sim()
+    settled = apply_adaround(sim, batches, FAST, progress=False).layers[0]
+    _, sim, batches = linear_sim()
+    cut_short = apply_adaround(sim, batches, {**FAST, "num_iterations": 20}, progress=False)
+    assert settled.undecided < 0.02
+    assert cut_short.layers[0].undecided > 0.8
+    assert cut_short.summary()["per_layer"][0]["undecided"] == round(cut_short.layers[0].undecided, 5)
+
+
 def test_adaround_keeps_nearest_rounding_where_it_does_not_help():
     """Independent inputs make nearest rounding optimal; a zero-iteration run ends on nearest."""
     torch.manual_seed(1)

@@ -142,7 +142,11 @@ class AdaRoundLayerResult:
     ``mse_nearest`` / ``mse_adaround``: layer output MSE against the float targets on the first
     cached chunk (whole feature maps) with round-to-nearest and with the AdaRounded weights;
     ``flipped``: fraction of codes that differ from round-to-nearest (0 when ``kept_nearest``);
-    ``kept_nearest``: AdaRound was worse on that chunk and round-to-nearest was kept.
+    ``kept_nearest``: AdaRound was worse on that chunk and round-to-nearest was kept;
+    ``undecided``: fraction of weights whose soft rounding ``h(V)`` ended strictly between 0 and
+    1, where the hard rounding differs from what the optimization last saw. A large fraction
+    means the schedule ended before the regularizer settled the rounding: raise ``reg_weight``
+    or ``num_iterations``.
     With ``reconstruct="block"`` one result covers a block: ``name`` is the block, ``layers`` its
     weight layers, ``bitwidth`` the narrowest of them, and the MSEs are of the block's output.
     """
@@ -158,6 +162,7 @@ class AdaRoundLayerResult:
     kept_nearest: bool = False
     history: list[dict[str, float | None]] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
+    undecided: float = 0.0
 
 
 @dataclass
@@ -181,7 +186,8 @@ class AdaRoundResult:
                 "mse_adaround_sum": sum(layer.mse_adaround for layer in self.layers),
                 "per_layer": [{"name": layer.name, "bitwidth": layer.bitwidth, "mse_nearest": layer.mse_nearest,
                                "mse_adaround": layer.mse_adaround, "flipped": round(layer.flipped, 5),
-                               "seconds": round(layer.seconds, 2)} for layer in self.layers]}
+                               "undecided": round(layer.undecided, 5), "seconds": round(layer.seconds, 2)}
+                              for layer in self.layers]}
 
 
 def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mapping[str, Any] | None = None,
@@ -241,6 +247,12 @@ class SoftRounding:
         wq = self.module.weight_quantizer
         return dequantize(codes, wq.scale, wq.zero_point, self.spec)
 
+    @torch.no_grad()
+    def undecided(self) -> int:
+        """How many weights have ``0 < h(V) < 1``: not yet settled on one grid point."""
+        h = rectified_sigmoid(self.v)
+        return int(((h > 0) & (h < 1)).sum())
+
 
 def _regularizer(config: AdaRoundConfig, h: torch.Tensor, beta: float | None) -> torch.Tensor | None:
     """The rounding regularizer at exponent ``beta`` (None while the warm start lasts or without it)."""
@@ -287,7 +299,7 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
     return AdaRoundLayerResult(name=layer.name, bitwidth=rounding.spec.bitwidth, num_weights=rounding.num_weights,
                                iterations=config.num_iterations, mse_nearest=mse_nearest, mse_adaround=mse_adaround,
                                flipped=flipped, seconds=time.perf_counter() - start, kept_nearest=kept_nearest,
-                               history=history)
+                               history=history, undecided=rounding.undecided() / rounding.num_weights)
 
 
 def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.Generator) -> AdaRoundLayerResult:
@@ -344,7 +356,8 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
                                num_weights=total, iterations=config.num_iterations, mse_nearest=mse_nearest,
                                mse_adaround=mse_adaround, flipped=changed / max(total, 1),
                                seconds=time.perf_counter() - start, kept_nearest=kept_nearest, history=history,
-                               layers=list(roundings))
+                               layers=list(roundings),
+                               undecided=sum(r.undecided() for r in roundings.values()) / max(total, 1))
 
 
 def _log_iterations(num_iterations: int, points: int) -> set[int]:
