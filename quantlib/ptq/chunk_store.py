@@ -4,11 +4,19 @@
 tensors stay in memory; the rest are written to ``.npy`` files in a temporary folder and read
 back through memory maps, so :func:`take` of a random crop reads only the pages it needs. The
 layer-wise PTQ caches (:mod:`quantlib.ptq.layer_cache`) hold every cached value here.
+
+The spill folder is named ``quantlib-cache-<pid>-<random>``. A normal exit or an exception
+deletes it; a killed process (SIGKILL, OOM) cannot, and a layer-wise run's folder can hold
+tens of GB. So a store that opens a spill folder first deletes its siblings whose owning
+process no longer exists (:func:`remove_orphaned_spill_folders`).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +27,38 @@ import torch
 
 # dtypes that spill to .npy; anything else stays resident (rare: index tensors, bf16)
 _SPILLABLE = {torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool}
+
+
+_SPILL_PREFIX = "quantlib-cache-"
+_SPILL_NAME = re.compile(rf"^{_SPILL_PREFIX}(\d+)-")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_orphaned_spill_folders(root: str | Path | None = None) -> list[Path]:
+    """Delete the spill folders under ``root`` (default: the system temp dir) whose owning
+    process has exited, and return them.
+
+    Only folders named ``quantlib-cache-<pid>-...`` are considered; a folder whose pid is alive
+    (including a reused pid) is kept, so a live run's cache is never touched.
+    """
+    root = Path(root if root is not None else tempfile.gettempdir())
+    removed = []
+    for folder in root.glob(f"{_SPILL_PREFIX}*"):
+        match = _SPILL_NAME.match(folder.name)
+        if not folder.is_dir() or match is None or _process_exists(int(match.group(1))):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def _nbytes(value: Any) -> int:
@@ -91,7 +131,8 @@ class ChunkStore:
         if self._tmp is None:
             if self._spill_root is not None:
                 Path(self._spill_root).mkdir(parents=True, exist_ok=True)
-            self._tmp = tempfile.TemporaryDirectory(prefix="quantlib-cache-", dir=self._spill_root)
+            remove_orphaned_spill_folders(self._spill_root)
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"{_SPILL_PREFIX}{os.getpid()}-", dir=self._spill_root)
         path = Path(self._tmp.name) / f"{next(self._counter)}.npy"
         np.save(path, tensor.detach().cpu().contiguous().numpy())
         return _Spilled(path=path, device=tensor.device, dtype=tensor.dtype)
