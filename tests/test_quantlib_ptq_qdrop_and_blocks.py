@@ -149,3 +149,15 @@ def test_block_reconstruction_needs_whole_feature_maps():
         AdaRoundConfig(reconstruct="block", crop=8)
     with pytest.raises(PassConfigError, match=r"reconstruct"):
         AdaRoundConfig(reconstruct="blocks")
+
+
+def test_block_regions_end_at_a_layer_left_out_of_the_selection():
+    from quantlib.ptq.regions import block_regions
+
+    sim = QuantSim(residual_net(), torch.zeros(1, 3, 8, 8), w4_a16_config())
+    regions = block_regions(sim.model, ["0", "2.conv1", "2.conv2", "2.conv3"])
+    assert [(r.name, r.layers) for r in regions] == [("0", ("0",)), ("2", ("2.conv1", "2.conv2", "2.conv3"))]
+    # block 2 ends at its skip add: block 3 and the classifier, left out, are in no region
+    assert any(n.op == "call_function" and n.target.__name__ == "add" for n in regions[1].nodes)
+    called = {n.target for n in regions[1].nodes if n.op == "call_module"}
+    assert not called & {"3.conv1", "3.conv2", "3.conv3", "6"}
