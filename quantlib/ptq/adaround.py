@@ -32,6 +32,8 @@ then compute the activation encodings with the new weights).
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +46,7 @@ from ..affine import dequantize, expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
 from .layer_ops import ReconstructionBatches, mix_inputs, reconstruction_mse
-from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise
+from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise, selected_layers
 from .pass_config import PassConfigError, check_choice, check_int, check_positive, config_from_mapping
 from .regions import RegionData
 from .registry import PTQContext, PTQStep
@@ -53,6 +55,43 @@ from .weight_freeze import write_weight_codes
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Louizos et al. 2018), as in the paper
 BETA_SCHEDULES = ("cosine", "linear")
 RECONSTRUCT = ("layer", "block")
+
+
+@dataclass(frozen=True)
+class ScheduleOverride:
+    """A different optimization schedule for the layers (``reconstruct="layer"``) or blocks
+    (``"block"``) whose name matches the fnmatch glob ``pattern``; the settings left None keep
+    the pass-wide value. The first matching override applies.
+
+    Attributes:
+        pattern: glob over layer names (``blocks.0.0.conv_dw``) or block names (``blocks.0.0``).
+        num_iterations, reg_weight, learning_rate: as in :class:`AdaRoundConfig`.
+    """
+
+    pattern: str
+    num_iterations: int | None = None
+    reg_weight: float | None = None
+    learning_rate: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The settings this override changes."""
+        return {name: getattr(self, name) for name in ("num_iterations", "reg_weight", "learning_rate")
+                if getattr(self, name) is not None}
+
+
+def _schedule_override(value: Any, index: int) -> ScheduleOverride:
+    where = f"schedule_overrides[{index}]"
+    if isinstance(value, ScheduleOverride):
+        return value
+    if not isinstance(value, Mapping):
+        raise PassConfigError(f"{where} must be a mapping like {{pattern: 'blocks.0.*', num_iterations: 2000}}, "
+                              f"got {value!r}")
+    override = config_from_mapping(ScheduleOverride, value, where)
+    if not isinstance(override.pattern, str) or not override.pattern:
+        raise PassConfigError(f"{where}.pattern={override.pattern!r} must be a glob over layer or block names, e.g. 'blocks.0.*'")
+    if not override.settings():
+        raise PassConfigError(f"{where} ({override.pattern!r}) changes nothing; set num_iterations, reg_weight or learning_rate")
+    return override
 
 
 @dataclass(frozen=True)
@@ -71,6 +110,12 @@ class AdaRoundConfig(LayerwiseConfig):
         keep_nearest_if_worse: when the AdaRounded layer's output MSE on the first cached chunk
             (whole feature maps) is above round-to-nearest's, keep round-to-nearest for that layer
             (the soft rounding may not have converged in a short schedule).
+        schedule_overrides: :class:`ScheduleOverride` entries (mappings in a recipe) giving the
+            layers or blocks whose name matches a glob their own ``num_iterations``,
+            ``reg_weight`` or ``learning_rate``: a block whose rounding is still undecided at the
+            end of the pass-wide schedule (see :attr:`AdaRoundLayerResult.undecided`) can get a
+            longer one without lengthening every other block's. A pattern that matches no selected
+            layer and no block of them is an error.
         reconstruct: "layer" (the paper and AIMET: each layer's output) or "block" (BRECQ, Li et
             al. 2021: the roundings of all layers of a block, e.g. an inverted-residual block with
             its skip connection, are optimized jointly on the block's output, with the activation
@@ -94,9 +139,21 @@ class AdaRoundConfig(LayerwiseConfig):
     history_points: int = 20
     keep_nearest_if_worse: bool = True
     reconstruct: str = "layer"
+    schedule_overrides: tuple[ScheduleOverride, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        overrides = self.schedule_overrides
+        if isinstance(overrides, (str, Mapping)) or not isinstance(overrides, (tuple, list)):
+            raise PassConfigError(f"schedule_overrides={overrides!r} must be a list of "
+                                  "{pattern: GLOB, num_iterations: N, ...} mappings")
+        object.__setattr__(self, "schedule_overrides",
+                           tuple(_schedule_override(value, i) for i, value in enumerate(overrides)))
+        for override in self.schedule_overrides:
+            try:
+                dataclasses.replace(self, schedule_overrides=(), **override.settings())
+            except PassConfigError as err:
+                raise PassConfigError(f"schedule_overrides ({override.pattern!r}): {err}") from None
         check_choice("reconstruct", self.reconstruct, RECONSTRUCT)
         if self.reconstruct == "block" and self.crop is not None:
             raise PassConfigError(f"crop={self.crop} crops one layer's output; reconstruct='block' runs whole "
@@ -111,6 +168,24 @@ class AdaRoundConfig(LayerwiseConfig):
             raise PassConfigError(f"warm_start={self.warm_start} must be a fraction in [0, 1)")
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_int("history_points", self.history_points, 0)
+
+
+def config_for(config: AdaRoundConfig, name: str) -> AdaRoundConfig:
+    """The settings for the layer or block ``name``: the first matching schedule override applied."""
+    for override in config.schedule_overrides:
+        if fnmatch.fnmatchcase(name, override.pattern):
+            return dataclasses.replace(config, schedule_overrides=(), **override.settings())
+    return config
+
+
+def check_overrides_match(config: AdaRoundConfig, layers: list[str]) -> None:
+    """Raise :class:`PassConfigError` for a schedule override whose pattern matches none of
+    ``layers`` and none of the blocks they belong to (a typo would silently change nothing)."""
+    names = set(layers) | {layer.rsplit(".", 1)[0] for layer in layers if "." in layer}
+    for index, override in enumerate(config.schedule_overrides):
+        if not any(fnmatch.fnmatchcase(name, override.pattern) for name in names):
+            raise PassConfigError(f"schedule_overrides[{index}].pattern={override.pattern!r} matches no selected layer "
+                                  f"or block; names look like {sorted(names)[0]!r}")
 
 
 def beta_at(config: AdaRoundConfig, iteration: int) -> float | None:
@@ -186,7 +261,8 @@ class AdaRoundResult:
                 "mse_adaround_sum": sum(layer.mse_adaround for layer in self.layers),
                 "per_layer": [{"name": layer.name, "bitwidth": layer.bitwidth, "mse_nearest": layer.mse_nearest,
                                "mse_adaround": layer.mse_adaround, "flipped": round(layer.flipped, 5),
-                               "undecided": round(layer.undecided, 5), "seconds": round(layer.seconds, 2)}
+                               "undecided": round(layer.undecided, 5), "iterations": layer.iterations,
+                               "seconds": round(layer.seconds, 2)}
                               for layer in self.layers]}
 
 
@@ -204,11 +280,14 @@ def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mappi
     holds its grid values and its weight encoding is frozen.
     """
     config = config_from_mapping(AdaRoundConfig, config, "adaround")
+    check_overrides_match(config, selected_layers(sim, config, "adaround"))
     if config.reconstruct == "block":
-        layers, stats = run_layerwise(sim, data, config, lambda block, gen: adaround_block(block, config, gen),
+        layers, stats = run_layerwise(sim, data, config,
+                                      lambda block, gen: adaround_block(block, config_for(config, block.name), gen),
                                       method="adaround", progress=progress, blocks=True)
     else:
-        layers, stats = run_layerwise(sim, data, config, lambda layer, gen: adaround_layer(layer, config, gen),
+        layers, stats = run_layerwise(sim, data, config,
+                                      lambda layer, gen: adaround_layer(layer, config_for(config, layer.name), gen),
                                       method="adaround", progress=progress)
     return AdaRoundResult(layers=layers, stats=stats, config=config)
 
