@@ -88,17 +88,18 @@ def layer_regions(gm: fx.GraphModule, layers: Sequence[str]) -> list[Region]:
 def block_regions(gm: fx.GraphModule, layers: Sequence[str]) -> list[Region]:
     """BRECQ blocks over ``layers`` (see the module docstring), in graph order.
 
-    Nodes between two cuts that hold no weight layer join the region before them (a residual
-    add joins its block). Nodes that hold only layers left out of ``layers`` (an ``exclude``
-    pattern) end the region before them and belong to none, so a region's output never lies
-    past an unselected layer. Every selected layer lands in exactly one region.
+    Nodes between two cuts that hold no selected layer join the region before them (a residual
+    add, or a norm layer, joins its block), unless they hold a quantized weight layer (one with
+    a ``weight_quantizer``) left out of ``layers``, e.g. by an ``exclude`` pattern: those end
+    the region before them and belong to none, so a region's output never lies past an
+    unselected layer. Every selected layer lands in exactly one region.
     """
     calls = _layer_calls(gm, layers)
     layer_of = {node: str(node.target) for node in calls}
     modules = dict(gm.named_modules())
 
-    def holds_weights(piece: list[fx.Node]) -> bool:
-        return any(n.op == "call_module" and isinstance(getattr(modules[str(n.target)], "weight", None), nn.Parameter)
+    def holds_unselected_layer(piece: list[fx.Node]) -> bool:
+        return any(n.op == "call_module" and n not in layer_of and hasattr(modules[str(n.target)], "weight_quantizer")
                    for n in piece)
 
     nodes = [n for n in gm.graph.nodes if n.op not in ("get_attr", "output")]
@@ -119,7 +120,7 @@ def block_regions(gm: fx.GraphModule, layers: Sequence[str]) -> list[Region]:
             continue
         names = [layer_of[n] for n in piece if n in layer_of]
         parents = {_parent(name) for name in names}
-        if groups and ((not names and not holds_weights(piece)) or (len(parents) == 1 and groups[-1][3] in parents)):
+        if groups and ((not names and not holds_unselected_layer(piece)) or (len(parents) == 1 and groups[-1][3] in parents)):
             groups[-1][1].extend(piece)
             groups[-1][2].extend(names)
             continue
