@@ -161,3 +161,25 @@ def test_block_regions_end_at_a_layer_left_out_of_the_selection():
     assert any(n.op == "call_function" and n.target.__name__ == "add" for n in regions[1].nodes)
     called = {n.target for n in regions[1].nodes if n.op == "call_module"}
     assert not called & {"3.conv1", "3.conv2", "3.conv3", "6"}
+
+
+class _NormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.norm(self.conv1(x))))  # no skip: the graph is cut between the layers
+
+
+def test_a_norm_layer_between_a_blocks_convolutions_stays_inside_the_block():
+    from quantlib.ptq.regions import block_regions
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _NormBlock()).eval()
+    sim = QuantSim(model, torch.zeros(1, 3, 8, 8), w4_a16_config())
+    names = list(sim.weight_modules())
+    assert names == ["0", "1.conv1", "1.conv2"]
+    regions = block_regions(sim.model, names)
+    assert [(r.name, r.layers) for r in regions] == [("0", ("0",)), ("1", ("1.conv1", "1.conv2"))]
+    assert "1.norm" in {n.target for n in regions[1].nodes if n.op == "call_module"}
