@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlib.ptq.adaround import AdaRoundConfig, ScheduleOverride, apply_adaround, config_for
+from quantlib.ptq.adaround import AdaRoundConfig, apply_adaround
+from quantlib.ptq.adaround_config import ScheduleOverride, config_for
 from quantlib.ptq.pass_config import PassConfigError
 from quantlib_reconstruction_helpers import FAST, calibrated_sim
 from test_quantlib_ptq_qdrop_and_blocks import residual_net

@@ -24,6 +24,9 @@ Memory: activations are cached layer by layer for ``num_samples`` samples by
 :mod:`quantlib.ptq.layer_cache`: at most ``max_cache_mb`` MiB stay in memory and the rest is
 spilled to disk (see that module for the bound).
 
+The settings, their per-layer/per-block overrides and the annealing schedule are in
+:mod:`quantlib.ptq.adaround_config`.
+
 Pipeline step ``adaround`` (phase "sim"): :class:`AdaRoundStepConfig` (the settings above plus
 ``recalibrate``) runs :func:`apply_adaround` on ``context.sim`` with the calibration data, then
 recomputes the activation encodings (AIMET's flow: AdaRound the weights, freeze their encodings,
@@ -32,9 +35,6 @@ then compute the activation encodings with the new weights).
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
@@ -45,159 +45,15 @@ from torch import nn
 from ..affine import dequantize, expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
+from .adaround_config import AdaRoundConfig, beta_at, check_overrides_match, config_for
 from .layer_ops import ReconstructionBatches, mix_inputs, reconstruction_mse
-from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise, selected_layers
-from .pass_config import PassConfigError, check_choice, check_int, check_positive, config_from_mapping
+from .layerwise import LayerwiseStats, loss_activation, run_layerwise, selected_layers
+from .pass_config import config_from_mapping
 from .regions import RegionData
 from .registry import PTQContext, PTQStep
 from .weight_freeze import write_weight_codes
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Louizos et al. 2018), as in the paper
-BETA_SCHEDULES = ("cosine", "linear")
-RECONSTRUCT = ("layer", "block")
-
-
-@dataclass(frozen=True)
-class ScheduleOverride:
-    """A different optimization schedule for the layers (``reconstruct="layer"``) or blocks
-    (``"block"``) whose name matches the fnmatch glob ``pattern``; the settings left None keep
-    the pass-wide value. The first matching override applies.
-
-    Attributes:
-        pattern: glob over layer names (``blocks.0.0.conv_dw``) or block names (``blocks.0.0``).
-        num_iterations, reg_weight, learning_rate: as in :class:`AdaRoundConfig`.
-    """
-
-    pattern: str
-    num_iterations: int | None = None
-    reg_weight: float | None = None
-    learning_rate: float | None = None
-
-    def settings(self) -> dict[str, Any]:
-        """The settings this override changes."""
-        return {name: getattr(self, name) for name in ("num_iterations", "reg_weight", "learning_rate")
-                if getattr(self, name) is not None}
-
-
-def _schedule_override(value: Any, index: int) -> ScheduleOverride:
-    where = f"schedule_overrides[{index}]"
-    if isinstance(value, ScheduleOverride):
-        return value
-    if not isinstance(value, Mapping):
-        raise PassConfigError(f"{where} must be a mapping like {{pattern: 'blocks.0.*', num_iterations: 2000}}, "
-                              f"got {value!r}")
-    override = config_from_mapping(ScheduleOverride, value, where)
-    if not isinstance(override.pattern, str) or not override.pattern:
-        raise PassConfigError(f"{where}.pattern={override.pattern!r} must be a glob over layer or block names, e.g. 'blocks.0.*'")
-    if not override.settings():
-        raise PassConfigError(f"{where} ({override.pattern!r}) changes nothing; set num_iterations, reg_weight or learning_rate")
-    return override
-
-
-@dataclass(frozen=True)
-class AdaRoundConfig(LayerwiseConfig):
-    """Settings of :func:`apply_adaround`; defaults follow AIMET. The caching, layer selection and
-    input-source settings are those of :class:`~quantlib.ptq.layerwise.LayerwiseConfig`.
-
-    Attributes:
-        num_iterations: optimization steps per layer (AIMET: 10000; 500-2000 is usually enough).
-        reg_weight: weight of the rounding regularizer (AIMET default_reg_param 0.01).
-        beta_start, beta_end: annealing range of the regularizer's exponent (20 -> 2).
-        warm_start: fraction of the iterations without the regularizer (0.2).
-        beta_schedule: cosine (AIMET) or linear (the paper's reference code).
-        learning_rate: Adam learning rate for V (1e-3).
-        history_points: how many (iteration, beta, losses) records to keep per layer.
-        keep_nearest_if_worse: when the AdaRounded layer's output MSE on the first cached chunk
-            (whole feature maps) is above round-to-nearest's, keep round-to-nearest for that layer
-            (the soft rounding may not have converged in a short schedule).
-        schedule_overrides: :class:`ScheduleOverride` entries (mappings in a recipe) giving the
-            layers or blocks whose name matches a glob their own ``num_iterations``,
-            ``reg_weight`` or ``learning_rate``: a block whose rounding is still undecided at the
-            end of the pass-wide schedule (see :attr:`AdaRoundLayerResult.undecided`) can get a
-            longer one without lengthening every other block's. A pattern that matches no selected
-            layer and no block of them is an error.
-        reconstruct: "layer" (the paper and AIMET: each layer's output) or "block" (BRECQ, Li et
-            al. 2021: the roundings of all layers of a block, e.g. an inverted-residual block with
-            its skip connection, are optimized jointly on the block's output, with the activation
-            quantizers inside the block on; see :func:`~quantlib.ptq.regions.block_regions`). A
-            block step runs whole feature maps, so ``crop`` must be unset, and the block output is
-            compared as it is (``through_activation`` does not apply).
-
-    The AIMET defaults suit 10,000 iterations. For short CPU schedules a larger step and
-    regularizer converge ``h(V)`` to 0/1 in time: on EfficientNet-Lite0 W4A8, 500 iterations with
-    ``learning_rate=0.01, reg_weight=0.1`` lowered the output MSE of all of its first six layers
-    against nearest rounding, where the defaults left two of them worse.
-    """
-
-    num_iterations: int = 10000
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warm_start: float = 0.2
-    beta_schedule: str = "cosine"
-    learning_rate: float = 1e-3
-    history_points: int = 20
-    keep_nearest_if_worse: bool = True
-    reconstruct: str = "layer"
-    schedule_overrides: tuple[ScheduleOverride, ...] = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        overrides = self.schedule_overrides
-        if isinstance(overrides, (str, Mapping)) or not isinstance(overrides, (tuple, list)):
-            raise PassConfigError(f"schedule_overrides={overrides!r} must be a list of "
-                                  "{pattern: GLOB, num_iterations: N, ...} mappings")
-        object.__setattr__(self, "schedule_overrides",
-                           tuple(_schedule_override(value, i) for i, value in enumerate(overrides)))
-        for override in self.schedule_overrides:
-            try:
-                dataclasses.replace(self, schedule_overrides=(), **override.settings())
-            except PassConfigError as err:
-                raise PassConfigError(f"schedule_overrides ({override.pattern!r}): {err}") from None
-        check_choice("reconstruct", self.reconstruct, RECONSTRUCT)
-        if self.reconstruct == "block" and self.crop is not None:
-            raise PassConfigError(f"crop={self.crop} crops one layer's output; reconstruct='block' runs whole "
-                                  "feature maps through a block, so set crop: null")
-        check_int("num_iterations", self.num_iterations, 0)
-        check_positive("reg_weight", self.reg_weight, allow_zero=True)
-        check_positive("beta_end", self.beta_end)
-        check_positive("learning_rate", self.learning_rate)
-        if not self.beta_start >= self.beta_end:
-            raise PassConfigError(f"beta_start={self.beta_start} must be >= beta_end={self.beta_end} (beta anneals downwards)")
-        if not 0.0 <= self.warm_start < 1.0:
-            raise PassConfigError(f"warm_start={self.warm_start} must be a fraction in [0, 1)")
-        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        check_int("history_points", self.history_points, 0)
-
-
-def config_for(config: AdaRoundConfig, name: str) -> AdaRoundConfig:
-    """The settings for the layer or block ``name``: the first matching schedule override applied."""
-    for override in config.schedule_overrides:
-        if fnmatch.fnmatchcase(name, override.pattern):
-            return dataclasses.replace(config, schedule_overrides=(), **override.settings())
-    return config
-
-
-def check_overrides_match(config: AdaRoundConfig, layers: list[str]) -> None:
-    """Raise :class:`PassConfigError` for a schedule override whose pattern matches none of
-    ``layers`` and none of the blocks they belong to (a typo would silently change nothing)."""
-    names = set(layers) | {layer.rsplit(".", 1)[0] for layer in layers if "." in layer}
-    for index, override in enumerate(config.schedule_overrides):
-        if not any(fnmatch.fnmatchcase(name, override.pattern) for name in names):
-            raise PassConfigError(f"schedule_overrides[{index}].pattern={override.pattern!r} matches no selected layer "
-                                  f"or block; names look like {sorted(names)[0]!r}")
-
-
-def beta_at(config: AdaRoundConfig, iteration: int) -> float | None:
-    """The regularizer exponent at ``iteration`` (0-based), or None while the warm start lasts."""
-    warm = int(config.warm_start * config.num_iterations)
-    if iteration < warm:
-        return None
-    span = max(config.num_iterations - 1 - warm, 1)
-    progress = min((iteration - warm) / span, 1.0)
-    if config.beta_schedule == "linear":
-        return config.beta_start + (config.beta_end - config.beta_start) * progress
-    return config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1.0 + math.cos(math.pi * progress))
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
