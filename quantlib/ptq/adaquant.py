@@ -12,8 +12,9 @@ model as optimized so far, or float with ``input_source="fp32"``) and float targ
 * Adam minimizes the mean squared error against the float outputs, over ``U`` and, with
   ``optimize_bias``, the bias (``bias_learning_rate`` in the bias's own units), with the
   learning rates decayed to zero along a cosine;
-* every ``check_every`` steps (and before the first) the output MSE on the first cached chunk is
-  measured and the best weights seen are kept. STE updates make weights hover around rounding
+* every ``check_every`` steps (and before the first) the output MSE on the first cached chunk
+  (on the held-out chunks with ``holdout_chunks``, which no step is drawn from) is measured and
+  the best weights seen are kept. STE updates make weights hover around rounding
   boundaries and flip codes at random, which can leave a layer worse than round-to-nearest
   (always so when the input features are uncorrelated, where nearest rounding is optimal); keeping
   the best checked state means a layer never ends worse on that chunk than it started;
@@ -40,7 +41,7 @@ from ..quantsim import QuantSim
 from .float_parameters import keep_float_bias
 from .layer_cache import LayerData
 from .layer_ops import ReconstructionBatches, reconstruction_mse
-from .layerwise import LayerwiseConfig, LayerwiseStats, loss_activation, run_layerwise
+from .layerwise import LayerwiseConfig, LayerwiseStats, fit_and_holdout, loss_activation, run_layerwise
 from .pass_config import check_int, check_positive, config_from_mapping
 from .registry import PTQContext, PTQStep
 from .weight_freeze import freeze_weight_encoding
@@ -56,7 +57,8 @@ class AdaQuantConfig(LayerwiseConfig):
         learning_rate: weight learning rate, in quantization steps of each output channel.
         optimize_bias: also optimize the bias (layers without a bias are left without one).
         bias_learning_rate: bias learning rate (in the bias's units).
-        check_every: steps between checks of the output MSE on the first chunk (best state kept).
+        check_every: steps between checks of the output MSE on the first chunk, or on the held-out
+            chunks with ``holdout_chunks`` (best state kept).
     """
 
     num_iterations: int = 500
@@ -75,8 +77,9 @@ class AdaQuantConfig(LayerwiseConfig):
 
 @dataclass
 class AdaQuantLayerResult:
-    """What AdaQuant did to one layer: output MSE against the float targets on the first cached
-    chunk before and after, and the fraction of weight codes that changed."""
+    """What AdaQuant did to one layer: output MSE against the float targets before and after, on
+    the held-out chunks with ``holdout_chunks`` (where the best iterate is also chosen) and on the
+    first cached chunk otherwise, and the fraction of weight codes that changed."""
 
     name: str
     bitwidth: int
@@ -135,17 +138,19 @@ def adaquant_layer(layer: LayerData, config: AdaQuantConfig, generator: torch.Ge
     bias = torch.nn.Parameter(bias0.clone()) if bias0 is not None and config.optimize_bias else None
 
     activation = loss_activation(layer, config)
+    fit_chunks, holdout = fit_and_holdout(layer, config.holdout_chunks)
 
     def check() -> float:
         with torch.no_grad():
-            return reconstruction_mse(layer, wq(steps * scale), bias if bias is not None else bias0, activation=activation)
+            return reconstruction_mse(layer, wq(steps * scale), bias if bias is not None else bias0,
+                                      holdout or (0,), activation)
 
     mse_before = best_mse = check()
     best = (steps.detach().clone(), bias.detach().clone() if bias is not None else bias0)
     groups = [{"params": [steps], "lr": config.learning_rate}]
     if bias is not None:
         groups.append({"params": [bias], "lr": config.bias_learning_rate})
-    batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop)
+    batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop, fit_chunks)
     total = config.num_iterations
     with torch.inference_mode(False), torch.enable_grad():
         optimizer = torch.optim.Adam(groups)

@@ -47,7 +47,7 @@ from ..quantsim import QuantSim
 from .layer_cache import LayerData
 from .adaround_config import AdaRoundConfig, beta_at, check_overrides_match, config_for
 from .layer_ops import ReconstructionBatches, mix_inputs, reconstruction_mse
-from .layerwise import LayerwiseStats, loss_activation, run_layerwise, selected_layers
+from .layerwise import LayerwiseStats, fit_and_holdout, loss_activation, run_layerwise, selected_layers
 from .pass_config import config_from_mapping
 from .regions import RegionData
 from .registry import PTQContext, PTQStep
@@ -78,6 +78,9 @@ class AdaRoundLayerResult:
     1, where the hard rounding differs from what the optimization last saw. A large fraction
     means the schedule ended before the regularizer settled the rounding: raise ``reg_weight``
     or ``num_iterations``.
+    ``holdout_mse_nearest`` / ``holdout_mse_adaround``: the same on the held-out chunks
+    (``holdout_chunks``; None without them), which the optimization never saw; with them,
+    ``kept_nearest`` is decided on these.
     With ``reconstruct="block"`` one result covers a block: ``name`` is the block, ``layers`` its
     weight layers, ``bitwidth`` the narrowest of them, and the MSEs are of the block's output.
     """
@@ -94,6 +97,8 @@ class AdaRoundLayerResult:
     history: list[dict[str, float | None]] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     undecided: float = 0.0
+    holdout_mse_nearest: float | None = None
+    holdout_mse_adaround: float | None = None
 
 
 @dataclass
@@ -115,11 +120,23 @@ class AdaRoundResult:
                 "layers_kept_nearest": sum(layer.kept_nearest for layer in self.layers),
                 "mse_nearest_sum": sum(layer.mse_nearest for layer in self.layers),
                 "mse_adaround_sum": sum(layer.mse_adaround for layer in self.layers),
+                **_holdout_sums(self.layers),
                 "per_layer": [{"name": layer.name, "bitwidth": layer.bitwidth, "mse_nearest": layer.mse_nearest,
                                "mse_adaround": layer.mse_adaround, "flipped": round(layer.flipped, 5),
                                "undecided": round(layer.undecided, 5), "iterations": layer.iterations,
-                               "seconds": round(layer.seconds, 2)}
+                               "seconds": round(layer.seconds, 2),
+                               **({"holdout_mse_nearest": layer.holdout_mse_nearest,
+                                   "holdout_mse_adaround": layer.holdout_mse_adaround}
+                                  if layer.holdout_mse_nearest is not None else {})}
                               for layer in self.layers]}
+
+
+def _holdout_sums(layers: list[AdaRoundLayerResult]) -> dict[str, float]:
+    """Summed held-out MSEs (empty without held-out chunks)."""
+    if not layers or layers[0].holdout_mse_nearest is None:
+        return {}
+    return {"holdout_mse_nearest_sum": sum(layer.holdout_mse_nearest or 0.0 for layer in layers),
+            "holdout_mse_adaround_sum": sum(layer.holdout_mse_adaround or 0.0 for layer in layers)}
 
 
 def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mapping[str, Any] | None = None,
@@ -202,7 +219,8 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
     rounding = SoftRounding(layer.module)
     bias = rounding.bias
     activation = loss_activation(layer, config)
-    batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop)
+    fit_chunks, holdout = fit_and_holdout(layer, config.holdout_chunks)
+    batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop, fit_chunks)
     history: list[dict[str, float | None]] = []
     log_at = _log_iterations(config.num_iterations, config.history_points)
     with torch.inference_mode(False), torch.enable_grad():
@@ -224,39 +242,55 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
                 history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()), "reg": float(reg.detach())})
     with torch.no_grad():
         codes, nearest = rounding.codes(), rounding.nearest
-        mse_nearest = reconstruction_mse(layer, rounding.dequantized(nearest), bias, activation=activation)
-        mse_adaround = reconstruction_mse(layer, rounding.dequantized(codes), bias, activation=activation)
-        kept_nearest = config.keep_nearest_if_worse and mse_adaround > mse_nearest
-        if kept_nearest:
-            codes, mse_adaround = nearest, mse_nearest
+
+        def errors(chunks: tuple[int, ...]) -> tuple[float, float] | None:
+            if not chunks:
+                return None
+            return (reconstruction_mse(layer, rounding.dequantized(nearest), bias, chunks, activation),
+                    reconstruction_mse(layer, rounding.dequantized(codes), bias, chunks, activation))
+
+        comparison = Comparison(errors((0,)), errors(holdout), config.keep_nearest_if_worse)
+        if comparison.kept_nearest:
+            codes = nearest
         flipped = float((codes != nearest).float().mean())
     write_weight_codes(layer.module, codes, "adaround")
     return AdaRoundLayerResult(name=layer.name, bitwidth=rounding.spec.bitwidth, num_weights=rounding.num_weights,
-                               iterations=config.num_iterations, mse_nearest=mse_nearest, mse_adaround=mse_adaround,
-                               flipped=flipped, seconds=time.perf_counter() - start, kept_nearest=kept_nearest,
-                               history=history, undecided=rounding.undecided() / rounding.num_weights)
+                               iterations=config.num_iterations, flipped=flipped, seconds=time.perf_counter() - start,
+                               history=history, undecided=rounding.undecided() / rounding.num_weights,
+                               **comparison.result_fields())
 
 
 def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.Generator) -> AdaRoundLayerResult:
     """BRECQ: optimize the roundings of all layers of one block jointly on the block's output
     (one random cached chunk per step, whole feature maps; QDrop's ``input_drop`` applies to the
     block input), then write every layer's codes and freeze them. Round-to-nearest is kept for
-    the whole block when the result is worse on the first chunk (``keep_nearest_if_worse``)."""
+    the whole block when the result is worse (``keep_nearest_if_worse``, see :class:`Comparison`).
+    The held-out chunks (``holdout_chunks``) are never drawn for a step."""
     start = time.perf_counter()
     roundings = {name: SoftRounding(module) for name, module in block.modules.items()}
     history: list[dict[str, float | None]] = []
     log_at = _log_iterations(config.num_iterations, config.history_points)
 
-    def block_mse(codes: dict[str, torch.Tensor]) -> float:
+    fit_chunks, holdout = fit_and_holdout(block, config.holdout_chunks)
+
+    def block_mse(codes: dict[str, torch.Tensor], chunks: tuple[int, ...]) -> float:
         weights = {name: (r.dequantized(codes[name]), r.bias) for name, r in roundings.items()}
-        out, target = block.forward(block.inputs(0), weights), block.targets(0)
-        return float((out - target).double().pow(2).sum()) / max(target.numel(), 1)
+        total, count = 0.0, 0
+        for index in chunks:
+            out, target = block.forward(block.inputs(index), weights), block.targets(index)
+            total += float((out - target).double().pow(2).sum())
+            count += target.numel()
+        return total / max(count, 1)
+
+    def errors(nearest: dict[str, torch.Tensor], codes: dict[str, torch.Tensor],
+               chunks: tuple[int, ...]) -> tuple[float, float] | None:
+        return (block_mse(nearest, chunks), block_mse(codes, chunks)) if chunks else None
 
     with block.float_arithmetic():
         with torch.inference_mode(False), torch.enable_grad():
             optimizer = torch.optim.Adam([r.v for r in roundings.values()], lr=config.learning_rate)
             for iteration in range(config.num_iterations):
-                index = int(torch.randint(block.num_chunks, (1,), generator=generator))
+                index = int(torch.randint(fit_chunks, (1,), generator=generator))
                 x, target = block.inputs(index), block.targets(index)
                 if config.input_drop > 0:
                     x = mix_inputs(x, block.float_inputs(index), config.input_drop, generator)
@@ -279,20 +313,46 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
         with torch.no_grad():
             nearest = {name: r.nearest for name, r in roundings.items()}
             codes = {name: r.codes() for name, r in roundings.items()}
-            mse_nearest, mse_adaround = block_mse(nearest), block_mse(codes)
-    kept_nearest = config.keep_nearest_if_worse and mse_adaround > mse_nearest
-    if kept_nearest:
-        codes, mse_adaround = nearest, mse_nearest
+            comparison = Comparison(errors(nearest, codes, (0,)), errors(nearest, codes, holdout),
+                                    config.keep_nearest_if_worse)
+    if comparison.kept_nearest:
+        codes = nearest
     changed = sum(int((codes[name] != nearest[name]).sum()) for name in roundings)
     total = sum(r.num_weights for r in roundings.values())
     for name, rounding in roundings.items():
         write_weight_codes(rounding.module, codes[name], "adaround")
     return AdaRoundLayerResult(name=block.name, bitwidth=min(r.spec.bitwidth for r in roundings.values()),
-                               num_weights=total, iterations=config.num_iterations, mse_nearest=mse_nearest,
-                               mse_adaround=mse_adaround, flipped=changed / max(total, 1),
-                               seconds=time.perf_counter() - start, kept_nearest=kept_nearest, history=history,
-                               layers=list(roundings),
-                               undecided=sum(r.undecided() for r in roundings.values()) / max(total, 1))
+                               num_weights=total, iterations=config.num_iterations, flipped=changed / max(total, 1),
+                               seconds=time.perf_counter() - start, history=history, layers=list(roundings),
+                               undecided=sum(r.undecided() for r in roundings.values()) / max(total, 1),
+                               **comparison.result_fields())
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Round-to-nearest against the AdaRounded weights: (nearest, adaround) output MSE on the
+    first chunk (``fit``) and on the held-out chunks (``holdout``, None without them). With
+    ``keep_nearest_if_worse`` the AdaRounded weights are dropped when they are worse, judged on
+    the held-out chunks when there are any and on the first chunk otherwise."""
+
+    fit: tuple[float, float]
+    holdout: tuple[float, float] | None
+    keep_nearest_if_worse: bool
+
+    @property
+    def kept_nearest(self) -> bool:
+        nearest, adaround = self.holdout if self.holdout is not None else self.fit
+        return self.keep_nearest_if_worse and adaround > nearest
+
+    def result_fields(self) -> dict[str, Any]:
+        """The MSE fields of :class:`AdaRoundLayerResult` for the weights kept."""
+        kept = self.kept_nearest
+        fields: dict[str, Any] = {"mse_nearest": self.fit[0], "mse_adaround": self.fit[0] if kept else self.fit[1],
+                                  "kept_nearest": kept}
+        if self.holdout is not None:
+            fields.update(holdout_mse_nearest=self.holdout[0],
+                          holdout_mse_adaround=self.holdout[0] if kept else self.holdout[1])
+        return fields
 
 
 def _log_iterations(num_iterations: int, points: int) -> set[int]:

@@ -83,9 +83,10 @@ class AdaRoundConfig(LayerwiseConfig):
         beta_schedule: cosine (AIMET) or linear (the paper's reference code).
         learning_rate: Adam learning rate for V (1e-3).
         history_points: how many (iteration, beta, losses) records to keep per layer.
-        keep_nearest_if_worse: when the AdaRounded layer's output MSE on the first cached chunk
-            (whole feature maps) is above round-to-nearest's, keep round-to-nearest for that layer
-            (the soft rounding may not have converged in a short schedule).
+        keep_nearest_if_worse: when the AdaRounded layer's output MSE is above round-to-nearest's,
+            keep round-to-nearest for that layer (the soft rounding may not have converged in a
+            short schedule). Judged on the held-out chunks with ``holdout_chunks``, otherwise on
+            the first cached chunk (whole feature maps), which the optimization also fitted on.
         schedule_overrides: :class:`ScheduleOverride` entries (mappings in a recipe) giving the
             layers or blocks whose name matches a glob their own ``num_iterations``,
             ``reg_weight`` or ``learning_rate``: a block whose rounding is still undecided at the

@@ -12,7 +12,7 @@ reconstruction loss at a fraction of the cost for layers with large feature maps
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -76,14 +76,18 @@ class ReconstructionBatches:
     of the quantized inputs instead of exactly the calibration set's (the paper's argument: a
     flatter loss surface that carries over to unseen data). 0 gives the quantized inputs unchanged (AIMET); 1 gives the float
     inputs (``input_source="fp32"``).
+
+    ``fit_chunks`` limits the draw to the first that many chunks (the rest are held out); None
+    draws from all of them.
     """
 
     def __init__(self, data: LayerData, crop: int | None, generator: torch.Generator,
                  activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 input_drop: float = 0.0) -> None:
+                 input_drop: float = 0.0, fit_chunks: int | None = None) -> None:
         if not 0.0 <= input_drop <= 1.0:
             raise ValueError(f"input_drop={input_drop} must be a probability in [0, 1]")
         self.data = data
+        self.fit_chunks = data.num_chunks if fit_chunks is None else fit_chunks
         self.module = data.module
         self.crop = crop
         self.generator = generator
@@ -103,7 +107,7 @@ class ReconstructionBatches:
         return x, (self.activation(y) if self.activation is not None else y)
 
     def _window(self) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self._randint(self.data.num_chunks)
+        index = self._randint(self.fit_chunks)
         mixing = self.input_drop > 0.0
         if not self.windowed:
             x, y = self.data.inputs(index), self.data.targets(index)
@@ -145,13 +149,13 @@ class ReconstructionBatches:
 
 
 @torch.no_grad()
-def reconstruction_mse(data: LayerData, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int = 1,
+def reconstruction_mse(data: LayerData, weight: torch.Tensor, bias: torch.Tensor | None, chunks: Sequence[int] = (0,),
                        activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Mean squared error between the layer's output with ``weight``/``bias`` and the float
-    targets, over the first ``chunks`` cached chunks (whole feature maps), both after
+    targets, over the cached chunks with the indices ``chunks`` (whole feature maps), both after
     ``activation`` when one is given."""
     total, count = 0.0, 0
-    for index in range(min(chunks, data.num_chunks)):
+    for index in chunks:
         out = layer_forward(data.module, data.inputs(index), weight, bias)
         target = data.targets(index)
         if activation is not None:

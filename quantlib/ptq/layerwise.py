@@ -18,7 +18,7 @@ import torch
 
 from ..quantsim import QuantSim
 from ..threads import torch_threads
-from .chunk_store import ChunkStore
+from .chunk_store import CachedChunks, ChunkStore
 from .layer_cache import CacheConfig, LayerData, collect_samples, stream_layers, stream_regions
 from .pass_config import PassConfigError, check_choice, check_int
 from .quantizer_groups import fp32_reference, select
@@ -47,6 +47,12 @@ class LayerwiseConfig:
             in the paper); 0 (the default) leaves the quantized inputs alone. Needs
             ``input_source="quantized"``; the comparison with round-to-nearest after the
             optimization always uses the quantized inputs the final model gives the layer.
+        holdout_chunks: the last this many cached chunks (``batch_size`` samples each, the last
+            samples the data yields) are left out of the optimization and serve as held-out
+            calibration data: a pass reports its reconstruction error on them and makes its
+            keep/select decisions on them (AdaRound's ``keep_nearest_if_worse``, AdaQuant's best
+            iterate) instead of on the first chunk it was fitted on. 0 (the default) fits on every
+            chunk. At least one chunk must be left to fit on.
         include, exclude: fnmatch globs over weight module names selecting the layers.
         seed: seeds the mini-batch order.
         through_activation: measure the reconstruction error after the ReLU/ReLU6/clip that
@@ -66,6 +72,7 @@ class LayerwiseConfig:
     mirror: bool = False
     input_source: str = "quantized"
     input_drop: float = 0.0
+    holdout_chunks: int = 0
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     seed: int = 0
@@ -88,6 +95,20 @@ class LayerwiseConfig:
             if isinstance(value, str) or not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
                 raise PassConfigError(f"{name}={value!r} must be a list of glob patterns over module names, e.g. ['*']")
         self.cache_config()
+        self._check_holdout()
+
+    def _check_holdout(self) -> None:
+        check_int("holdout_chunks", self.holdout_chunks, 0)
+        if self.holdout_chunks == 0:
+            return
+        if self.mirror:
+            raise PassConfigError(f"holdout_chunks={self.holdout_chunks} with mirror=true would hold out mirror images of "
+                                  "samples that are fitted on; set mirror=false or holdout_chunks=0")
+        cached_chunks = -(-self.num_samples // self.batch_size)
+        if self.holdout_chunks >= cached_chunks:
+            raise PassConfigError(f"holdout_chunks={self.holdout_chunks} leaves nothing to fit on: num_samples="
+                                  f"{self.num_samples} with batch_size={self.batch_size} caches {cached_chunks} chunks; "
+                                  f"lower holdout_chunks or raise num_samples")
 
     def cache_config(self) -> CacheConfig:
         """The :class:`CacheConfig` these settings describe."""
@@ -115,6 +136,17 @@ class LayerwiseStats:
 def loss_activation(layer: LayerData, config: LayerwiseConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The activation the reconstruction error is measured after (None: the layer's own output)."""
     return layer.activation if config.through_activation else None
+
+
+def fit_and_holdout(data: CachedChunks, holdout_chunks: int) -> tuple[int, tuple[int, ...]]:
+    """(number of chunks to fit on, indices of the held-out chunks) of one layer's or region's
+    cache: the last ``holdout_chunks`` chunks are held out. Raises :class:`PassConfigError` when
+    the data gave too few samples to leave a chunk to fit on."""
+    total = data.num_chunks
+    if holdout_chunks >= total:
+        raise PassConfigError(f"holdout_chunks={holdout_chunks} leaves nothing to fit on: the calibration data filled "
+                              f"only {total} chunks; lower holdout_chunks or give more calibration samples")
+    return total - holdout_chunks, tuple(range(total - holdout_chunks, total))
 
 
 def selected_layers(sim: QuantSim, config: LayerwiseConfig, method: str) -> list[str]:
