@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -242,14 +242,9 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
                 history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()), "reg": float(reg.detach())})
     with torch.no_grad():
         codes, nearest = rounding.codes(), rounding.nearest
-
-        def errors(chunks: tuple[int, ...]) -> tuple[float, float] | None:
-            if not chunks:
-                return None
-            return (reconstruction_mse(layer, rounding.dequantized(nearest), bias, chunks, activation),
-                    reconstruction_mse(layer, rounding.dequantized(codes), bias, chunks, activation))
-
-        comparison = Comparison(errors((0,)), errors(holdout), config.keep_nearest_if_worse)
+        comparison = Comparison.measure(
+            lambda c, chunks: reconstruction_mse(layer, rounding.dequantized(c), bias, chunks, activation),
+            nearest, codes, holdout, config.keep_nearest_if_worse)
         if comparison.kept_nearest:
             codes = nearest
         flipped = float((codes != nearest).float().mean())
@@ -282,10 +277,6 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
             count += target.numel()
         return total / max(count, 1)
 
-    def errors(nearest: dict[str, torch.Tensor], codes: dict[str, torch.Tensor],
-               chunks: tuple[int, ...]) -> tuple[float, float] | None:
-        return (block_mse(nearest, chunks), block_mse(codes, chunks)) if chunks else None
-
     with block.float_arithmetic():
         with torch.inference_mode(False), torch.enable_grad():
             optimizer = torch.optim.Adam([r.v for r in roundings.values()], lr=config.learning_rate)
@@ -313,8 +304,7 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
         with torch.no_grad():
             nearest = {name: r.nearest for name, r in roundings.items()}
             codes = {name: r.codes() for name, r in roundings.items()}
-            comparison = Comparison(errors(nearest, codes, (0,)), errors(nearest, codes, holdout),
-                                    config.keep_nearest_if_worse)
+            comparison = Comparison.measure(block_mse, nearest, codes, holdout, config.keep_nearest_if_worse)
     if comparison.kept_nearest:
         codes = nearest
     changed = sum(int((codes[name] != nearest[name]).sum()) for name in roundings)
@@ -338,6 +328,16 @@ class Comparison:
     fit: tuple[float, float]
     holdout: tuple[float, float] | None
     keep_nearest_if_worse: bool
+
+    @classmethod
+    def measure(cls, mse: Callable[[Any, tuple[int, ...]], float], nearest: Any, codes: Any,
+                holdout: tuple[int, ...], keep_nearest_if_worse: bool) -> Comparison:
+        """The comparison with ``mse(codes, chunk_indices)`` the output MSE of a layer's or a
+        block's codes on those cached chunks."""
+        def pair(chunks: tuple[int, ...]) -> tuple[float, float]:
+            return mse(nearest, chunks), mse(codes, chunks)
+
+        return cls(pair((0,)), pair(holdout) if holdout else None, keep_nearest_if_worse)
 
     @property
     def kept_nearest(self) -> bool:
