@@ -45,7 +45,7 @@ from torch import nn
 from ..affine import dequantize, expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
-from .adaround_config import AdaRoundConfig, beta_at, check_overrides_match, config_for
+from .adaround_config import AdaRoundConfig, beta_at, check_overrides_match, checkpoint_iterations, config_for
 from .layer_ops import ReconstructionBatches, mix_inputs, reconstruction_mse
 from .layerwise import LayerwiseStats, fit_and_holdout, loss_activation, run_layerwise, selected_layers
 from .pass_config import config_from_mapping
@@ -81,6 +81,9 @@ class AdaRoundLayerResult:
     ``holdout_mse_nearest`` / ``holdout_mse_adaround``: the same on the held-out chunks
     (``holdout_chunks``; None without them), which the optimization never saw; with them,
     ``kept_nearest`` is decided on these.
+    ``selected_iteration``: with ``holdout_checkpoints``, the step count whose hard rounding had
+    the lowest held-out MSE and was kept (``iterations`` when the end's was best; None without
+    checkpoints); ``history`` then also holds each checkpoint's ``holdout_mse``.
     With ``reconstruct="block"`` one result covers a block: ``name`` is the block, ``layers`` its
     weight layers, ``bitwidth`` the narrowest of them, and the MSEs are of the block's output.
     """
@@ -99,6 +102,7 @@ class AdaRoundLayerResult:
     undecided: float = 0.0
     holdout_mse_nearest: float | None = None
     holdout_mse_adaround: float | None = None
+    selected_iteration: int | None = None
 
 
 @dataclass
@@ -127,7 +131,9 @@ class AdaRoundResult:
                                "seconds": round(layer.seconds, 2),
                                **({"holdout_mse_nearest": layer.holdout_mse_nearest,
                                    "holdout_mse_adaround": layer.holdout_mse_adaround}
-                                  if layer.holdout_mse_nearest is not None else {})}
+                                  if layer.holdout_mse_nearest is not None else {}),
+                               **({"selected_iteration": layer.selected_iteration}
+                                  if layer.selected_iteration is not None else {})}
                               for layer in self.layers]}
 
 
@@ -135,8 +141,42 @@ def _holdout_sums(layers: list[AdaRoundLayerResult]) -> dict[str, float]:
     """Summed held-out MSEs (empty without held-out chunks)."""
     if not layers or layers[0].holdout_mse_nearest is None:
         return {}
-    return {"holdout_mse_nearest_sum": sum(layer.holdout_mse_nearest or 0.0 for layer in layers),
+    sums = {"holdout_mse_nearest_sum": sum(layer.holdout_mse_nearest or 0.0 for layer in layers),
             "holdout_mse_adaround_sum": sum(layer.holdout_mse_adaround or 0.0 for layer in layers)}
+    if layers[0].selected_iteration is not None:
+        sums["layers_stopped_early"] = sum(layer.selected_iteration < layer.iterations for layer in layers
+                                           if layer.selected_iteration is not None)
+    return sums
+
+
+class CheckpointSelection:
+    """Early stopping on held-out chunks (``holdout_checkpoints``): after the step counts of
+    :func:`~quantlib.ptq.adaround_config.checkpoint_iterations`, :meth:`after_step` scores the
+    hard rounding of that moment with ``holdout_mse(codes)`` and keeps the best (the later one on
+    a tie). With no checkpoints it does nothing and :meth:`chosen` returns the end's codes."""
+
+    def __init__(self, config: AdaRoundConfig, holdout_mse: Callable[[Any], float]) -> None:
+        self.at = set(checkpoint_iterations(config.num_iterations, config.holdout_checkpoints))
+        self.holdout_mse = holdout_mse
+        self.best_codes: Any = None
+        self.best_mse = float("inf")
+        self.best_iteration: int | None = None
+        self.scores: list[dict[str, float | None]] = []
+
+    @torch.no_grad()
+    def after_step(self, steps_taken: int, codes: Callable[[], Any]) -> None:
+        """Score the current rounding (``codes()``) when ``steps_taken`` is a checkpoint."""
+        if steps_taken not in self.at:
+            return
+        current = codes()
+        mse = self.holdout_mse(current)
+        self.scores.append({"iteration": steps_taken, "holdout_mse": mse})
+        if mse <= self.best_mse:
+            self.best_codes, self.best_mse, self.best_iteration = current, mse, steps_taken
+
+    def chosen(self, end_codes: Any) -> Any:
+        """The best checkpoint's codes, or ``end_codes`` without checkpoints."""
+        return end_codes if self.best_iteration is None else self.best_codes
 
 
 def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mapping[str, Any] | None = None,
@@ -223,6 +263,11 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
     batches = ReconstructionBatches(layer, config.crop, generator, activation, config.input_drop, fit_chunks)
     history: list[dict[str, float | None]] = []
     log_at = _log_iterations(config.num_iterations, config.history_points)
+
+    def mse(codes: torch.Tensor, chunks: tuple[int, ...]) -> float:
+        return reconstruction_mse(layer, rounding.dequantized(codes), bias, chunks, activation)
+
+    selection = CheckpointSelection(config, lambda codes: mse(codes, holdout))
     with torch.inference_mode(False), torch.enable_grad():
         optimizer = torch.optim.Adam([rounding.v], lr=config.learning_rate)
         for iteration in range(config.num_iterations):
@@ -240,19 +285,18 @@ def adaround_layer(layer: LayerData, config: AdaRoundConfig, generator: torch.Ge
             optimizer.step()
             if iteration in log_at:
                 history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()), "reg": float(reg.detach())})
+            selection.after_step(iteration + 1, rounding.codes)
     with torch.no_grad():
-        codes, nearest = rounding.codes(), rounding.nearest
-        comparison = Comparison.measure(
-            lambda c, chunks: reconstruction_mse(layer, rounding.dequantized(c), bias, chunks, activation),
-            nearest, codes, holdout, config.keep_nearest_if_worse)
+        codes, nearest = selection.chosen(rounding.codes()), rounding.nearest
+        comparison = Comparison.measure(mse, nearest, codes, holdout, config.keep_nearest_if_worse)
         if comparison.kept_nearest:
             codes = nearest
         flipped = float((codes != nearest).float().mean())
     write_weight_codes(layer.module, codes, "adaround")
     return AdaRoundLayerResult(name=layer.name, bitwidth=rounding.spec.bitwidth, num_weights=rounding.num_weights,
                                iterations=config.num_iterations, flipped=flipped, seconds=time.perf_counter() - start,
-                               history=history, undecided=rounding.undecided() / rounding.num_weights,
-                               **comparison.result_fields())
+                               history=history + selection.scores, undecided=rounding.undecided() / rounding.num_weights,
+                               selected_iteration=selection.best_iteration, **comparison.result_fields())
 
 
 def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.Generator) -> AdaRoundLayerResult:
@@ -276,6 +320,11 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
             total += float((out - target).double().pow(2).sum())
             count += target.numel()
         return total / max(count, 1)
+
+    selection = CheckpointSelection(config, lambda codes: block_mse(codes, holdout))
+
+    def current_codes() -> dict[str, torch.Tensor]:
+        return {name: r.codes() for name, r in roundings.items()}
 
     with block.float_arithmetic():
         with torch.inference_mode(False), torch.enable_grad():
@@ -301,9 +350,10 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
                 if iteration in log_at:
                     history.append({"iteration": iteration, "beta": beta, "recon": float(recon.detach()),
                                     "reg": float(reg.detach())})
+                selection.after_step(iteration + 1, current_codes)
         with torch.no_grad():
             nearest = {name: r.nearest for name, r in roundings.items()}
-            codes = {name: r.codes() for name, r in roundings.items()}
+            codes = selection.chosen(current_codes())
             comparison = Comparison.measure(block_mse, nearest, codes, holdout, config.keep_nearest_if_worse)
     if comparison.kept_nearest:
         codes = nearest
@@ -313,9 +363,10 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
         write_weight_codes(rounding.module, codes[name], "adaround")
     return AdaRoundLayerResult(name=block.name, bitwidth=min(r.spec.bitwidth for r in roundings.values()),
                                num_weights=total, iterations=config.num_iterations, flipped=changed / max(total, 1),
-                               seconds=time.perf_counter() - start, history=history, layers=list(roundings),
+                               seconds=time.perf_counter() - start, history=history + selection.scores,
+                               layers=list(roundings),
                                undecided=sum(r.undecided() for r in roundings.values()) / max(total, 1),
-                               **comparison.result_fields())
+                               selected_iteration=selection.best_iteration, **comparison.result_fields())
 
 
 @dataclass(frozen=True)
