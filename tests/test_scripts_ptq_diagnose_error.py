@@ -1,0 +1,35 @@
+"""scripts/ptq_diagnose_error.py on the MNIST CNN: the held-out calibration report it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ptq_diagnose_error.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("ptq_diagnose_error", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_scores_adaround_against_nearest_on_held_out_calibration_images(tmp_path):
+    out = tmp_path / "report.json"
+    _script().main(["mnist_cnn/w4a8_adaround", "--fit", "384", "--per-block", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["fit_images"] == 384 and report["held_out_images"] == 128
+    assert report["adaround"]["kl"] < report["nearest"]["kl"]
+    for key in ("weights_only", "grid_weights_activations_only"):
+        assert set(report[key]) == {"kl", "agreement"}
+    assert list(report["per_block_float"]) == ["features.0", "features.3", "features.6", "features.9", "features.12", "fc"]
+    assert report["git"] is None or "sha" in report["git"]
+
+
+def test_fit_must_leave_held_out_images(tmp_path):
+    with pytest.raises(SystemExit, match=r"--fit 512 must leave held-out images: the calibration split has 512"):
+        _script().main(["mnist_cnn/w4a8_adaround", "--fit", "512", "--out", str(tmp_path / "r.json")])
