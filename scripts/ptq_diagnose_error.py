@@ -30,11 +30,12 @@ import time
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from evaluators.classification import prediction_agreement
 from quantlib.io import atomic_write_text
 from quantlib.ptq.adaround import apply_adaround
 from quantlib.ptq.quantizer_groups import fp32_reference, only_enabled
+from quantlib.qat.losses import distillation_loss
 from quantlib.quantsim import QuantSim
 from zoo.builder import build_fp32_model
 from zoo.cli.bench_run import compose_recipe
@@ -43,14 +44,17 @@ from zoo.cli.run import quant_config, recipe_datasets
 from zoo.registry import default_registry
 
 
-def held_out_scores(model: torch.nn.Module, images: torch.Tensor, reference_logits: torch.Tensor,
-                    batch_size: int) -> dict[str, float]:
+@torch.no_grad()
+def model_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 30) -> torch.Tensor:
+    return torch.cat([model(batch) for batch in images.split(batch_size)])
+
+
+def held_out_scores(model: torch.nn.Module, images: torch.Tensor, reference_logits: torch.Tensor) -> dict[str, float]:
     """KL(FP32 || model) of the logits (batch mean) and top-1 agreement with FP32 in percent."""
-    with torch.no_grad():
-        logits = torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    kl = F.kl_div(F.log_softmax(logits, 1), F.log_softmax(reference_logits, 1), log_target=True, reduction="batchmean")
-    agreement = (logits.argmax(1) == reference_logits.argmax(1)).float().mean() * 100
-    return {"kl": round(float(kl), 4), "agreement": round(float(agreement), 1)}
+    logits = model_logits(model, images)
+    kl = distillation_loss(logits, reference_logits, temperature=1.0)
+    agreement = prediction_agreement(logits.argmax(1).tolist(), reference_logits.argmax(1).tolist())
+    return {"kl": round(float(kl), 4), "agreement": round(agreement, 1)}
 
 
 @contextlib.contextmanager
@@ -87,12 +91,10 @@ def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, batch_size
     torch.manual_seed(0)
     sim = QuantSim(build_fp32_model(card).eval(), images[:1], quant_config(recipe["quant"]))
     sim.calibrate(fit_batches, progress=False)
-    with torch.no_grad():
-        reference = fp32_reference(sim)
-        reference_logits = torch.cat([reference(held_out[i:i + 30]) for i in range(0, len(held_out), 30)])
+    reference_logits = model_logits(fp32_reference(sim), held_out)
 
     def score() -> dict[str, float]:
-        return held_out_scores(sim.model, held_out, reference_logits, 30)
+        return held_out_scores(sim.model, held_out, reference_logits)
 
     report = {"recipe": target, "git": git_state(), "fit_images": fit, "held_out_images": len(held_out),
               "mirror": mirror, "nearest": score()}

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -45,7 +45,8 @@ from torch import nn
 from ..affine import dequantize, expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
-from .adaround_config import AdaRoundConfig, beta_at, check_overrides_match, checkpoint_iterations, config_for
+from .adaround_config import AdaRoundConfig, beta_at, check_overrides_match, config_for
+from .adaround_selection import CheckpointSelection, Comparison
 from .layer_ops import ReconstructionBatches, mix_inputs, reconstruction_mse
 from .layerwise import LayerwiseStats, fit_and_holdout, loss_activation, run_layerwise, selected_layers
 from .pass_config import config_from_mapping
@@ -147,36 +148,6 @@ def _holdout_sums(layers: list[AdaRoundLayerResult]) -> dict[str, float]:
         sums["layers_stopped_early"] = sum(layer.selected_iteration < layer.iterations for layer in layers
                                            if layer.selected_iteration is not None)
     return sums
-
-
-class CheckpointSelection:
-    """Early stopping on held-out chunks (``holdout_checkpoints``): after the step counts of
-    :func:`~quantlib.ptq.adaround_config.checkpoint_iterations`, :meth:`after_step` scores the
-    hard rounding of that moment with ``holdout_mse(codes)`` and keeps the best (the later one on
-    a tie). With no checkpoints it does nothing and :meth:`chosen` returns the end's codes."""
-
-    def __init__(self, config: AdaRoundConfig, holdout_mse: Callable[[Any], float]) -> None:
-        self.at = set(checkpoint_iterations(config.num_iterations, config.holdout_checkpoints))
-        self.holdout_mse = holdout_mse
-        self.best_codes: Any = None
-        self.best_mse = float("inf")
-        self.best_iteration: int | None = None
-        self.scores: list[dict[str, float | None]] = []
-
-    @torch.no_grad()
-    def after_step(self, steps_taken: int, codes: Callable[[], Any]) -> None:
-        """Score the current rounding (``codes()``) when ``steps_taken`` is a checkpoint."""
-        if steps_taken not in self.at:
-            return
-        current = codes()
-        mse = self.holdout_mse(current)
-        self.scores.append({"iteration": steps_taken, "holdout_mse": mse})
-        if mse <= self.best_mse:
-            self.best_codes, self.best_mse, self.best_iteration = current, mse, steps_taken
-
-    def chosen(self, end_codes: Any) -> Any:
-        """The best checkpoint's codes, or ``end_codes`` without checkpoints."""
-        return end_codes if self.best_iteration is None else self.best_codes
 
 
 def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mapping[str, Any] | None = None,
@@ -303,7 +274,8 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
     """BRECQ: optimize the roundings of all layers of one block jointly on the block's output
     (one random cached chunk per step, whole feature maps; QDrop's ``input_drop`` applies to the
     block input), then write every layer's codes and freeze them. Round-to-nearest is kept for
-    the whole block when the result is worse (``keep_nearest_if_worse``, see :class:`Comparison`).
+    the whole block when the result is worse (``keep_nearest_if_worse``, see
+    :class:`~quantlib.ptq.adaround_selection.Comparison`).
     The held-out chunks (``holdout_chunks``) are never drawn for a step."""
     start = time.perf_counter()
     roundings = {name: SoftRounding(module) for name, module in block.modules.items()}
@@ -367,43 +339,6 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
                                layers=list(roundings),
                                undecided=sum(r.undecided() for r in roundings.values()) / max(total, 1),
                                selected_iteration=selection.best_iteration, **comparison.result_fields())
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Round-to-nearest against the AdaRounded weights: (nearest, adaround) output MSE on the
-    first chunk (``fit``) and on the held-out chunks (``holdout``, None without them). With
-    ``keep_nearest_if_worse`` the AdaRounded weights are dropped when they are worse, judged on
-    the held-out chunks when there are any and on the first chunk otherwise."""
-
-    fit: tuple[float, float]
-    holdout: tuple[float, float] | None
-    keep_nearest_if_worse: bool
-
-    @classmethod
-    def measure(cls, mse: Callable[[Any, tuple[int, ...]], float], nearest: Any, codes: Any,
-                holdout: tuple[int, ...], keep_nearest_if_worse: bool) -> Comparison:
-        """The comparison with ``mse(codes, chunk_indices)`` the output MSE of a layer's or a
-        block's codes on those cached chunks."""
-        def pair(chunks: tuple[int, ...]) -> tuple[float, float]:
-            return mse(nearest, chunks), mse(codes, chunks)
-
-        return cls(pair((0,)), pair(holdout) if holdout else None, keep_nearest_if_worse)
-
-    @property
-    def kept_nearest(self) -> bool:
-        nearest, adaround = self.holdout if self.holdout is not None else self.fit
-        return self.keep_nearest_if_worse and adaround > nearest
-
-    def result_fields(self) -> dict[str, Any]:
-        """The MSE fields of :class:`AdaRoundLayerResult` for the weights kept."""
-        kept = self.kept_nearest
-        fields: dict[str, Any] = {"mse_nearest": self.fit[0], "mse_adaround": self.fit[0] if kept else self.fit[1],
-                                  "kept_nearest": kept}
-        if self.holdout is not None:
-            fields.update(holdout_mse_nearest=self.holdout[0],
-                          holdout_mse_adaround=self.holdout[0] if kept else self.holdout[1])
-        return fields
 
 
 def _log_iterations(num_iterations: int, points: int) -> set[int]:
