@@ -33,12 +33,15 @@ import torch
 
 from evaluators.classification import prediction_agreement
 from quantlib.io import atomic_write_text
+from quantlib.ptq.pass_config import PassConfigError
 from quantlib.ptq.adaround import apply_adaround
 from quantlib.ptq.quantizer_groups import fp32_reference, only_enabled
 from quantlib.qat.losses import distillation_loss
 from quantlib.quantsim import QuantSim
 from zoo.builder import build_fp32_model
 from zoo.cli.bench_run import compose_recipe
+from zoo.cli.bench_torch import BenchConfigError
+from zoo.cli.errors import RunConfigError
 from zoo.cli.records import git_state
 from zoo.cli.run import quant_config, recipe_datasets
 from zoo.registry import default_registry
@@ -126,7 +129,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--per-block", action="store_true", help="put each block back to float, one at a time")
     parser.add_argument("--out", required=True, help="JSON report path")
     args = parser.parse_args(argv)
-    report = diagnose(args.recipe, args.fit, mirror=args.mirror, per_block=args.per_block)
+    try:
+        report = diagnose(args.recipe, args.fit, mirror=args.mirror, per_block=args.per_block)
+    except (BenchConfigError, RunConfigError, PassConfigError) as err:
+        raise SystemExit(f"ptq_diagnose_error: error: {err}") from None
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

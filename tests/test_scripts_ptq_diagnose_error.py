@@ -33,3 +33,9 @@ def test_report_scores_adaround_against_nearest_on_held_out_calibration_images(t
 def test_fit_must_leave_held_out_images(tmp_path):
     with pytest.raises(SystemExit, match=r"--fit 512 must leave held-out images: the calibration split has 512"):
         _script().main(["mnist_cnn/w4a8_adaround", "--fit", "512", "--out", str(tmp_path / "r.json")])
+
+
+def test_a_missing_data_dir_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("QUANTZOO_DATA_DIR", raising=False)
+    with pytest.raises(SystemExit, match=r"ptq_diagnose_error: error: data.root needs QUANTZOO_DATA_DIR"):
+        _script().main(["efficientnet_lite0/w4a8_adaround_ends8_blocks_reg1", "--out", str(tmp_path / "r.json")])
