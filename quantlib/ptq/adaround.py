@@ -86,7 +86,8 @@ class AdaRoundLayerResult:
     the lowest held-out MSE and was kept (``iterations`` when the end's was best; None without
     checkpoints); ``history`` then also holds each checkpoint's ``holdout_mse``.
     With ``reconstruct="block"`` one result covers a block: ``name`` is the block, ``layers`` its
-    weight layers, ``bitwidth`` the narrowest of them, and the MSEs are of the block's output.
+    weight layers, ``bitwidth`` the narrowest of them, and the MSEs are of the block's output
+    (weighted by its output Fisher weights with ``fisher_samples``).
     """
 
     name: str
@@ -168,7 +169,8 @@ def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mappi
     if config.reconstruct == "block":
         layers, stats = run_layerwise(sim, data, config,
                                       lambda block, gen: adaround_block(block, config_for(config, block.name), gen),
-                                      method="adaround", progress=progress, blocks=True)
+                                      method="adaround", progress=progress, blocks=True,
+                                      fisher_samples=config.fisher_samples)
     else:
         layers, stats = run_layerwise(sim, data, config,
                                       lambda layer, gen: adaround_layer(layer, config_for(config, layer.name), gen),
@@ -276,7 +278,9 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
     block input), then write every layer's codes and freeze them. Round-to-nearest is kept for
     the whole block when the result is worse (``keep_nearest_if_worse``, see
     :class:`~quantlib.ptq.adaround_selection.Comparison`).
-    The held-out chunks (``holdout_chunks``) are never drawn for a step."""
+    The held-out chunks (``holdout_chunks``) are never drawn for a step. With ``fisher_samples``
+    every squared error, in the loss and in the comparisons, is weighted by the block's output
+    Fisher weights (:mod:`quantlib.ptq.output_fisher`)."""
     start = time.perf_counter()
     roundings = {name: SoftRounding(module) for name, module in block.modules.items()}
     history: list[dict[str, float | None]] = []
@@ -289,7 +293,7 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
         total, count = 0.0, 0
         for index in chunks:
             out, target = block.forward(block.inputs(index), weights), block.targets(index)
-            total += float((out - target).double().pow(2).sum())
+            total += float(_squared_error(out.double(), target.double(), block.output_weights(index)).sum())
             count += target.numel()
         return total / max(count, 1)
 
@@ -311,7 +315,7 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
                     soft, h = rounding.soft()
                     weights[name] = (soft, rounding.bias)
                     hs.append(h)
-                recon = (block.forward(x, weights) - target).pow(2).sum(1).mean()
+                recon = _squared_error(block.forward(x, weights), target, block.output_weights(index)).sum(1).mean()
                 beta = beta_at(config, iteration)
                 terms = [t for t in (_regularizer(config, h, beta) for h in hs) if t is not None]
                 reg = torch.stack(terms).sum() if terms else torch.zeros((), device=recon.device)
@@ -339,6 +343,12 @@ def adaround_block(block: RegionData, config: AdaRoundConfig, generator: torch.G
                                layers=list(roundings),
                                undecided=sum(r.undecided() for r in roundings.values()) / max(total, 1),
                                selected_iteration=selection.best_iteration, **comparison.result_fields())
+
+
+def _squared_error(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Element-wise squared error, times the block's output weights when it has them."""
+    error = (out - target).pow(2)
+    return error if weights is None else error * weights.to(error.dtype)
 
 
 def _log_iterations(num_iterations: int, points: int) -> set[int]:

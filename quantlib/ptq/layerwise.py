@@ -21,6 +21,7 @@ from ..threads import torch_threads
 from .chunk_store import CachedChunks, ChunkStore
 from .layer_cache import CacheConfig, LayerData, collect_samples, stream_layers, stream_regions
 from .pass_config import PassConfigError, check_choice, check_int
+from .output_fisher import output_fisher_weights
 from .quantizer_groups import fp32_reference, select
 from .regions import RegionData, block_regions
 
@@ -165,10 +166,14 @@ def selected_layers(sim: QuantSim, config: LayerwiseConfig, method: str) -> list
 
 def run_layerwise(sim: QuantSim, data: Iterable, config: LayerwiseConfig,
                   layer_fn: Callable[[LayerData, torch.Generator], R] | Callable[[RegionData, torch.Generator], R],
-                  *, method: str, progress: bool = True, blocks: bool = False) -> tuple[list[R], LayerwiseStats]:
+                  *, method: str, progress: bool = True, blocks: bool = False,
+                  fisher_samples: int = 0) -> tuple[list[R], LayerwiseStats]:
     """Call ``layer_fn(layer_data, generator)`` on every selected layer of ``sim``, in graph order;
     with ``blocks``, ``layer_fn(region_data, generator)`` on every BRECQ block of the selected
-    layers instead (:func:`~quantlib.ptq.regions.block_regions`).
+    layers instead (:func:`~quantlib.ptq.regions.block_regions`). With ``blocks`` and
+    ``fisher_samples`` >= 1, each block's data carries output weights from the float model's
+    output Fisher, estimated with that many sampled labels per sample
+    (:func:`~quantlib.ptq.output_fisher.output_fisher_weights`).
 
     ``layer_fn`` may rewrite the layers it is given; later ones then see their new outputs.
     Returns the per-layer (per-block) results and the run's totals.
@@ -185,12 +190,25 @@ def run_layerwise(sim: QuantSim, data: Iterable, config: LayerwiseConfig,
     with ChunkStore(int(cache.max_resident_mb * 2**20), cache.spill_dir) as store:
         if names:
             def visit(item: LayerData | RegionData) -> None:
+                if isinstance(item, RegionData) and "f:" + item.region.output.name in store:
+                    item.weight_key = "f:" + item.region.output.name
                 with torch_threads(config.optimizer_threads):
                     results.append(layer_fn(item, generator))
+                if isinstance(item, RegionData) and item.weight_key is not None:
+                    store.drop(item.weight_key)
 
             reference_inputs = config.input_source == "fp32"
             if blocks:
-                stream_regions(sim.model, reference, samples, block_regions(sim.model, names), visit, store,
+                regions = block_regions(sim.model, names)
+                if fisher_samples:
+                    outputs = [region.output.name for region in regions]
+                    fisher = output_fisher_weights(reference, samples, outputs, fisher_samples,
+                                                   torch.Generator().manual_seed(config.seed))
+                    for name, chunks in fisher.items():
+                        for chunk in chunks:
+                            store.append("f:" + name, chunk)
+                    del fisher
+                stream_regions(sim.model, reference, samples, regions, visit, store,
                                reference_inputs=reference_inputs, progress=progress, desc=method)
             else:
                 stream_layers(sim.model, reference, samples, names, visit, store,

@@ -165,7 +165,9 @@ class RegionData(CachedChunks):
 
     Chunk ``i`` holds ``batch_size`` samples: ``inputs(i)`` is the region's input from the
     quantized model as optimized so far, ``float_inputs(i)`` the float reference's input and
-    ``targets(i)`` the float reference's region output for the same samples.
+    ``targets(i)`` the float reference's region output for the same samples. With
+    ``weight_key`` set, ``output_weights(i)`` holds per-element weights of the region's squared
+    output error, shaped like ``targets(i)`` (see :mod:`quantlib.ptq.output_fisher`).
     """
 
     region: Region
@@ -174,6 +176,7 @@ class RegionData(CachedChunks):
     input_key: str
     float_input_key: str
     target_key: str
+    weight_key: str | None = None
     modules: dict[str, nn.Module] = field(init=False)  # the region's weight layers by name
 
     def __post_init__(self) -> None:
@@ -182,6 +185,10 @@ class RegionData(CachedChunks):
     @property
     def name(self) -> str:
         return self.region.name
+
+    def output_weights(self, index: int) -> torch.Tensor | None:
+        """Chunk ``index``'s weights of the squared output error, or None (every element counts once)."""
+        return None if self.weight_key is None else self.store.get(self.weight_key, index)
 
     def forward(self, x: torch.Tensor, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
         """The region's output for input ``x``, each layer named in ``weights`` computed with the
