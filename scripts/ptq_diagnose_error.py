@@ -7,6 +7,8 @@ agreement with FP32:
 
 * ``nearest``: round-to-nearest (before AdaRound);
 * ``adaround``: after AdaRound and recalibration;
+* ``bias_tuning``: after the recipe's ``bias_tuning`` step, when it has one after AdaRound
+  (trained on the same fitted images);
 * ``weights_only``: activation quantizers off (the weights' share);
 * ``grid_weights_activations_only``: weight quantizers off, activation quantizers on; the weights
   stay on AdaRound's grid values, since AdaRound wrote them into the layers;
@@ -35,6 +37,7 @@ from evaluators.classification import prediction_agreement
 from quantlib.io import atomic_write_text
 from quantlib.ptq.pass_config import PassConfigError
 from quantlib.ptq.adaround import apply_adaround
+from quantlib.ptq.bias_tuning import apply_bias_tuning
 from quantlib.ptq.quantizer_groups import fp32_reference, only_enabled
 from quantlib.qat.losses import distillation_loss
 from quantlib.quantsim import QuantSim
@@ -82,8 +85,10 @@ def float_weights(sim: QuantSim, layers: Sequence[str]) -> Iterator[None]:
 def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, batch_size: int = 16) -> dict:
     recipe = compose_recipe(target)
     steps = recipe["ptq"]["steps"]
-    if len(steps) != 1 or steps[0]["name"] != "adaround":
-        raise SystemExit(f"{target}: the diagnosis runs one adaround step; this recipe has {[s['name'] for s in steps]}")
+    names = [s["name"] for s in steps]
+    if names not in (["adaround"], ["adaround", "bias_tuning"]):
+        raise SystemExit(f"{target}: the diagnosis runs an adaround step, optionally followed by bias_tuning; "
+                         f"this recipe has {names}")
     card = default_registry().get(recipe["model"]["name"])
     calibration, _ = recipe_datasets(card, recipe["data"])
     images = torch.cat([batch[0] for batch in torch.utils.data.DataLoader(calibration, batch_size=25)])
@@ -108,6 +113,15 @@ def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, batch_size
     sim.calibrate(fit_batches, progress=False)
     report["adaround_seconds"] = round(time.perf_counter() - start, 1)
     report["adaround"] = score()
+    if len(steps) == 2:
+        tuning = {key: value for key, value in steps[1].items() if key not in ("name", "recalibrate")}
+        tuning.update(num_samples=fit)
+        tuned = apply_bias_tuning(sim, fit_batches, tuning)
+        if steps[1].get("recalibrate", False):
+            sim.calibrate(fit_batches, progress=False)
+        report["bias_tuning_seconds"] = round(tuned.seconds, 1)
+        report["bias_tuning_history"] = tuned.history
+        report["bias_tuning"] = score()
     weights = [name for name in sim.quantizers() if name.endswith(".weight")]
     with only_enabled(sim, weights):
         report["weights_only"] = score()
@@ -123,7 +137,7 @@ def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, batch_size
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("recipe", help="MODEL/RECIPE whose only PTQ step is adaround")
+    parser.add_argument("recipe", help="MODEL/RECIPE whose PTQ steps are adaround, optionally then bias_tuning")
     parser.add_argument("--fit", type=int, default=160, help="calibration images AdaRound fits on (the rest are held out)")
     parser.add_argument("--mirror", action="store_true", help="also cache the fitted images mirrored")
     parser.add_argument("--per-block", action="store_true", help="put each block back to float, one at a time")
