@@ -34,6 +34,9 @@ from .regions import NodeRunner, Region, RegionData, layer_regions
 from .pass_config import PassConfigError, check_int, check_positive
 
 
+CROP_VIEW_SCALE = (0.35, 1.0)  # area fraction range of CacheConfig.crop_views
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """How many samples a layer-wise pass caches and how much memory the cache may hold.
@@ -47,6 +50,12 @@ class CacheConfig:
         mirror: also cache every sample mirrored along its last axis (left-right for images):
             twice the data for models whose task is unchanged by a mirror, at twice the cache
             memory and caching time.
+        crop_views: also cache this many random views of every image sample (a random crop of
+            :data:`CROP_VIEW_SCALE` of its area and aspect ratio 3/4 to 4/3, resized back to the
+            input size, mirrored with probability 1/2; torchvision's RandomResizedCrop and
+            RandomHorizontalFlip), drawn with ``seed``: ``1 + crop_views`` times the data, cache
+            memory and caching time. Needs 4-D (N, C, H, W) inputs.
+        seed: seeds the crop views.
     """
 
     num_samples: int = 256
@@ -54,10 +63,13 @@ class CacheConfig:
     max_resident_mb: float = 1024.0
     spill_dir: str | None = None
     mirror: bool = False
+    crop_views: int = 0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         check_int("num_samples", self.num_samples, 1)
         check_int("batch_size", self.batch_size, 1)
+        check_int("crop_views", self.crop_views, 0)
         check_positive("max_resident_mb", self.max_resident_mb, allow_zero=True)
 
 
@@ -133,7 +145,8 @@ def following_activation(node: fx.Node, modules: dict[str, nn.Module]) -> Callab
 
 def collect_samples(data: Iterable, config: CacheConfig, device: torch.device) -> list[torch.Tensor]:
     """The first ``config.num_samples`` inputs of ``data`` as chunks of ``config.batch_size``
-    (followed by their mirror images when ``config.mirror``).
+    (followed by their mirror images when ``config.mirror``, then by ``config.crop_views`` random
+    views of each, see :func:`random_crop_views`).
 
     ``data`` yields input tensors or (input, label) pairs (a DataLoader, a list of batches).
     Raises :class:`PassConfigError` when it yields nothing.
@@ -152,9 +165,27 @@ def collect_samples(data: Iterable, config: CacheConfig, device: torch.device) -
     if count == 0:
         raise PassConfigError("data is empty; give at least one batch of calibration inputs")
     inputs = torch.cat(pieces)
+    originals = inputs
     if config.mirror:
-        inputs = torch.cat([inputs, inputs.flip(-1)])
+        inputs = torch.cat([inputs, originals.flip(-1)])
+    if config.crop_views:
+        inputs = torch.cat([inputs, random_crop_views(originals, config.crop_views, config.seed)])
     return list(inputs.split(config.batch_size))
+
+
+def random_crop_views(images: torch.Tensor, views: int, seed: int) -> torch.Tensor:
+    """``views`` random resized crops (with random mirroring) of every image of ``images``
+    (N, C, H, W), at the input size, view by view: ``views * N`` images. The global RNG is
+    left as it was."""
+    if images.dim() != 4:
+        raise PassConfigError(f"crop_views needs image inputs shaped (N, C, H, W); the data gave shape {tuple(images.shape)}")
+    from torchvision.transforms import v2
+
+    transform = v2.Compose([v2.RandomResizedCrop(tuple(images.shape[-2:]), scale=CROP_VIEW_SCALE, antialias=True),
+                            v2.RandomHorizontalFlip()])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.cat([torch.stack([transform(image) for image in images]) for _ in range(views)])
 
 
 def stream_layers(model: fx.GraphModule, reference: fx.GraphModule, samples: list[torch.Tensor],

@@ -41,6 +41,8 @@ class LayerwiseConfig:
         max_cache_mb: memory budget of the activation cache in MiB (the rest spills to disk).
         spill_dir: folder for spilled chunks; None uses the system temporary folder.
         mirror: also cache every sample mirrored left-right (see :class:`CacheConfig`).
+        crop_views: also cache this many random resized crops of every image sample (see
+            :class:`CacheConfig`); with ``seed``.
         input_source: "quantized" (inputs from the quantized model as optimized so far, the AIMET
             default) or "fp32" (inputs from the float model).
         input_drop: QDrop (Wei et al. 2022): during the optimization each element of a layer's
@@ -71,6 +73,7 @@ class LayerwiseConfig:
     max_cache_mb: float = 1024.0
     spill_dir: str | None = None
     mirror: bool = False
+    crop_views: int = 0
     input_source: str = "quantized"
     input_drop: float = 0.0
     holdout_chunks: int = 0
@@ -105,6 +108,9 @@ class LayerwiseConfig:
         if self.mirror:
             raise PassConfigError(f"holdout_chunks={self.holdout_chunks} with mirror=true would hold out mirror images of "
                                   "samples that are fitted on; set mirror=false or holdout_chunks=0")
+        if self.crop_views:
+            raise PassConfigError(f"holdout_chunks={self.holdout_chunks} with crop_views={self.crop_views} would hold out "
+                                  "crops of samples that are fitted on; set crop_views=0 or holdout_chunks=0")
         cached_chunks = -(-self.num_samples // self.batch_size)
         if self.holdout_chunks >= cached_chunks:
             raise PassConfigError(f"holdout_chunks={self.holdout_chunks} leaves nothing to fit on: num_samples="
@@ -115,7 +121,8 @@ class LayerwiseConfig:
         """The :class:`CacheConfig` these settings describe."""
         try:
             return CacheConfig(num_samples=self.num_samples, batch_size=self.batch_size,
-                               max_resident_mb=self.max_cache_mb, spill_dir=self.spill_dir, mirror=self.mirror)
+                               max_resident_mb=self.max_cache_mb, spill_dir=self.spill_dir, mirror=self.mirror,
+                               crop_views=self.crop_views, seed=self.seed)
         except PassConfigError as err:
             raise PassConfigError(str(err).replace("max_resident_mb", "max_cache_mb")) from None
 
