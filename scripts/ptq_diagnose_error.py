@@ -82,8 +82,9 @@ def float_weights(sim: QuantSim, layers: Sequence[str]) -> Iterator[None]:
                 modules[name].weight.copy_(weight)
 
 
-def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, batch_size: int = 16) -> dict:
-    recipe = compose_recipe(target)
+def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, overrides: Sequence[str] = (),
+             batch_size: int = 16) -> dict:
+    recipe = compose_recipe(target, overrides)
     steps = recipe["ptq"]["steps"]
     names = [s["name"] for s in steps]
     if names not in (["adaround"], ["adaround", "bias_tuning"]):
@@ -104,7 +105,8 @@ def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, batch_size
     def score() -> dict[str, float]:
         return held_out_scores(sim.model, held_out, reference_logits)
 
-    report = {"recipe": target, "git": git_state(), "fit_images": fit, "held_out_images": len(held_out),
+    report = {"recipe": target, "overrides": list(overrides), "git": git_state(), "fit_images": fit,
+              "held_out_images": len(held_out),
               "mirror": mirror, "nearest": score()}
     step = {key: value for key, value in steps[0].items() if key not in ("name", "recalibrate")}
     step.update(num_samples=fit, mirror=mirror, holdout_chunks=0, holdout_checkpoints=0)
@@ -138,13 +140,14 @@ def diagnose(target: str, fit: int, *, mirror: bool, per_block: bool, batch_size
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="MODEL/RECIPE whose PTQ steps are adaround, optionally then bias_tuning")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the recipe, e.g. ptq.steps.0.seed=1")
     parser.add_argument("--fit", type=int, default=160, help="calibration images AdaRound fits on (the rest are held out)")
     parser.add_argument("--mirror", action="store_true", help="also cache the fitted images mirrored")
     parser.add_argument("--per-block", action="store_true", help="put each block back to float, one at a time")
     parser.add_argument("--out", required=True, help="JSON report path")
     args = parser.parse_args(argv)
     try:
-        report = diagnose(args.recipe, args.fit, mirror=args.mirror, per_block=args.per_block)
+        report = diagnose(args.recipe, args.fit, mirror=args.mirror, per_block=args.per_block, overrides=args.overrides)
     except (BenchConfigError, RunConfigError, PassConfigError) as err:
         raise SystemExit(f"ptq_diagnose_error: error: {err}") from None
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")

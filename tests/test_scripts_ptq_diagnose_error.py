@@ -39,3 +39,19 @@ def test_a_missing_data_dir_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.delenv("QUANTZOO_DATA_DIR", raising=False)
     with pytest.raises(SystemExit, match=r"ptq_diagnose_error: error: data.root needs QUANTZOO_DATA_DIR"):
         _script().main(["efficientnet_lite0/w4a8_adaround_ends8_blocks_reg1", "--out", str(tmp_path / "r.json")])
+
+
+def test_a_bias_tuning_step_after_adaround_is_scored_and_overrides_apply(tmp_path):
+    out = tmp_path / "report.json"
+    _script().main(["mnist_cnn/w4a8_adaround_bias_tuning", "ptq.steps.0.num_iterations=50", "ptq.steps.1.epochs=2",
+                    "--fit", "384", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["overrides"] == ["ptq.steps.0.num_iterations=50", "ptq.steps.1.epochs=2"]
+    assert [entry["epoch"] for entry in report["bias_tuning_history"]] == [0, 1, 2]
+    assert set(report["bias_tuning"]) == {"kl", "agreement"} and report["bias_tuning"]["kl"] < report["nearest"]["kl"]
+
+
+def test_other_step_lists_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match=r"runs an adaround step, optionally followed by bias_tuning; this recipe has \['cle', 'bias_correction'\]"):
+        _script().main(["mnist_cnn/w8a8_per_tensor", "ptq.steps=[{name: cle}, {name: bias_correction}]",
+                        "--out", str(tmp_path / "r.json")])

@@ -20,8 +20,8 @@ from ..quantsim import QuantSim
 from ..threads import torch_threads
 from .chunk_store import CachedChunks, ChunkStore
 from .layer_cache import CacheConfig, LayerData, collect_samples, stream_layers, stream_regions
-from .pass_config import PassConfigError, check_choice, check_int
 from .output_fisher import output_fisher_weights
+from .pass_config import PassConfigError, check_choice, check_int
 from .quantizer_groups import fp32_reference, select
 from .regions import RegionData, block_regions
 
