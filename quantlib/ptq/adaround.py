@@ -46,6 +46,7 @@ from ..affine import dequantize, expand_qparam, quantize
 from ..quantsim import QuantSim
 from .layer_cache import LayerData
 from .adaround_config import AdaRoundConfig, beta_at, check_overrides_match, config_for
+from .adaround_restarts import best_of_restarts
 from .adaround_selection import CheckpointSelection, Comparison
 from .layer_ops import ReconstructionBatches, mix_inputs, reconstruction_mse
 from .layerwise import LayerwiseStats, fit_and_holdout, loss_activation, run_layerwise, selected_layers
@@ -114,10 +115,15 @@ class AdaRoundResult:
     layers: list[AdaRoundLayerResult]
     stats: LayerwiseStats
     config: AdaRoundConfig
+    restarts: list[dict[str, float]] = field(default_factory=list)  # each restart's seed and holdout_kl
+    selected_restart: int | None = None
+
+    def _restart_fields(self) -> dict[str, Any]:
+        return {"restarts": self.restarts, "selected_restart": self.selected_restart} if self.restarts else {}
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "adaround", "config": asdict(self.config), **self.stats.to_dict(),
-                "layers": [asdict(layer) for layer in self.layers]}
+                "layers": [asdict(layer) for layer in self.layers], **self._restart_fields()}
 
     def summary(self) -> dict[str, Any]:
         """Compact JSON-able summary for a run record: totals and per-layer MSE (no loss history)."""
@@ -126,7 +132,7 @@ class AdaRoundResult:
                 "layers_kept_nearest": sum(layer.kept_nearest for layer in self.layers),
                 "mse_nearest_sum": sum(layer.mse_nearest for layer in self.layers),
                 "mse_adaround_sum": sum(layer.mse_adaround for layer in self.layers),
-                **_holdout_sums(self.layers),
+                **_holdout_sums(self.layers), **self._restart_fields(),
                 "per_layer": [{"name": layer.name, "bitwidth": layer.bitwidth, "mse_nearest": layer.mse_nearest,
                                "mse_adaround": layer.mse_adaround, "flipped": round(layer.flipped, 5),
                                "undecided": round(layer.undecided, 5), "iterations": layer.iterations,
@@ -161,11 +167,13 @@ def apply_adaround(sim: QuantSim, data: Iterable, config: AdaRoundConfig | Mappi
         config: an :class:`AdaRoundConfig` or a mapping of its fields (unknown keys raise
             :class:`~quantlib.ptq.pass_config.PassConfigError`).
 
-    Returns the per-layer :class:`AdaRoundResult`. Afterwards each AdaRounded layer's weight
-    holds its grid values and its weight encoding is frozen.
+    Returns the per-layer :class:`AdaRoundResult` (of the kept run with ``restarts``). Afterwards
+    each AdaRounded layer's weight holds its grid values and its weight encoding is frozen.
     """
     config = config_from_mapping(AdaRoundConfig, config, "adaround")
     check_overrides_match(config, selected_layers(sim, config, "adaround"))
+    if config.restarts > 1:
+        return best_of_restarts(sim, data, config, lambda copy, once: apply_adaround(copy, data, once, progress=progress))
     if config.reconstruct == "block":
         layers, stats = run_layerwise(sim, data, config,
                                       lambda block, gen: adaround_block(block, config_for(config, block.name), gen),

@@ -114,6 +114,10 @@ class AdaRoundConfig(LayerwiseConfig):
             backward passes of the float model over the cached samples). The weighted error is
             also what ``keep_nearest_if_worse`` and ``holdout_checkpoints`` compare, and what the
             result's block MSEs report. 0 (the default): plain MSE.
+        restarts: run the whole pass this many times with seeds ``seed``, ``seed + 1``, ... and
+            keep the run whose logits are closest to FP32's (KL) on the samples of the held-out
+            chunks (needs ``holdout_chunks``; :mod:`quantlib.ptq.adaround_restarts`). Costs that
+            many passes. 1 (the default): one pass.
 
     The AIMET defaults suit 10,000 iterations. For short CPU schedules a larger step and
     regularizer converge ``h(V)`` to 0/1 in time: on EfficientNet-Lite0 W4A8, 500 iterations with
@@ -134,6 +138,7 @@ class AdaRoundConfig(LayerwiseConfig):
     schedule_overrides: tuple[ScheduleOverride, ...] = ()
     holdout_checkpoints: int = 0
     fisher_samples: int = 0
+    restarts: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +168,10 @@ class AdaRoundConfig(LayerwiseConfig):
         if self.fisher_samples and self.reconstruct != "block":
             raise PassConfigError(f"fisher_samples={self.fisher_samples} weights a block's output error; it needs "
                                   f"reconstruct='block', not {self.reconstruct!r} (or set fisher_samples=0)")
+        check_int("restarts", self.restarts, 1)
+        if self.restarts > 1 and not self.holdout_chunks:
+            raise PassConfigError(f"restarts={self.restarts} picks a run on held-out chunks, and holdout_chunks=0 "
+                                  "holds none out; set holdout_chunks >= 1 or restarts=1")
 
 
 def config_for(config: AdaRoundConfig, name: str) -> AdaRoundConfig:
